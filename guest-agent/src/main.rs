@@ -1,0 +1,5 @@
+//! `ditto-agent`: the guest half of ditto.
+
+fn main() {
+    println!("ditto-agent {}", env!("CARGO_PKG_VERSION"));
+}

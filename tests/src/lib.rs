@@ -1,0 +1,8 @@
+//! Shared pieces of ditto's end-to-end tests.
+//!
+//! The tests in `tests/tests/` run twice under `cargo xtask test`: once on the development
+//! machine (against its own `/dev/kvm`) and once inside the KVM test box, where the guest images
+//! are in the folder named by `$DITTO_IMAGES`. Tests that need a Linux guest are `#[ignore]`d
+//! locally and run with `--include-ignored` in the box.
+
+pub mod payload;
