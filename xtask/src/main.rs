@@ -1,1 +1,52 @@
-fn main() {}
+//! `cargo xtask`: ditto's automation — machine setup, guest images, the KVM test box and the
+//! test pipeline. Run `cargo xtask --help` for the commands.
+
+mod cmd;
+mod debian;
+mod images;
+mod initramfs;
+mod paths;
+mod setup;
+mod stamp;
+mod test;
+mod testbox;
+
+use clap::{Parser, Subcommand};
+
+/// ditto's development automation.
+#[derive(Parser)]
+#[command(name = "cargo xtask", bin_name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Install what this machine lacks (Debian packages, Rust target and components).
+    Setup,
+    /// Build the guest images (vmlinuz, initramfs.img, rootfs.ext4) and print their paths.
+    Images(images::ImagesArgs),
+    /// Run a command inside the KVM test box (or natively with --native).
+    #[command(name = "box")]
+    Box(testbox::BoxArgs),
+    /// Format and lint checks, unit and integration tests, then the end-to-end tests in the box.
+    Test(test::TestArgs),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Setup => setup::ensure(setup::Report::Always).map(|()| 0),
+        Command::Images(args) => images::run(&args).map(|()| 0),
+        Command::Box(args) => testbox::run(&args),
+        Command::Test(args) => test::run(&args).map(|()| 0),
+    };
+    match result {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::exit(1);
+        }
+    }
+}

@@ -1,0 +1,432 @@
+//! `cargo xtask box -- CMD…`: runs CMD inside the KVM test box — QEMU software emulation with an
+//! emulated AMD-V CPU, so that the box's kernel has a real (nested) `/dev/kvm` on a host without
+//! hardware virtualisation. The box kernel is Debian's generic kernel (the cloud flavour lacks
+//! 9p, which shares folders with the box). CMD's output reaches this process on the box's second
+//! serial port; its exit status comes back through a shared control folder.
+
+use std::fmt::Write as _;
+use std::fs;
+use std::io::{Read, Write};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::str::FromStr;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+use crate::initramfs;
+use crate::paths;
+use crate::stamp::{self, Inputs};
+use crate::{debian, images, setup};
+
+/// The Debian meta package of the box kernel.
+const BOX_KERNEL: &str = "linux-image-amd64";
+
+/// Modules the box loads: virtio transport, 9p shares, network, KVM, loop devices and ext4.
+const BOX_MODULES: &[&str] = &[
+    "virtio_pci",
+    "9pnet_virtio",
+    "9p",
+    "virtio_net",
+    "kvm_amd",
+    "loop",
+    "ext4",
+];
+
+const BOX_INIT: &str = include_str!("../assets/box-init.sh");
+
+/// CPU model of the box: AMD EPYC with SVM, less the features QEMU's emulator lacks (which it
+/// would otherwise warn about at every start).
+const BOX_CPU: &str = "EPYC,-nrip-save,-xsavec,-rdseed,-sha-ni,-fxsr-opt,-misalignsse,\
+                       -3dnowprefetch,-osvw,-topoext";
+
+/// Exit status reported when the box ran out of time.
+const TIMED_OUT: i32 = 124;
+
+/// A TCP port forwarded from this host's loopback into the box.
+#[derive(Clone, Copy, Debug)]
+pub struct Forward {
+    host: u16,
+    guest: u16,
+}
+
+impl FromStr for Forward {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (host, guest) = s
+            .split_once(':')
+            .ok_or_else(|| format!("{s:?} is not HOSTPORT:PORT"))?;
+        let port = |p: &str| {
+            p.parse::<u16>()
+                .ok()
+                .filter(|p| *p != 0)
+                .ok_or_else(|| format!("{p:?} is not a port number (1-65535)"))
+        };
+        Ok(Self {
+            host: port(host)?,
+            guest: port(guest)?,
+        })
+    }
+}
+
+/// Options of `cargo xtask box`.
+#[derive(clap::Args, Clone)]
+pub struct BoxArgs {
+    /// Forward TCP from 127.0.0.1:HOSTPORT on this host to PORT in the box.
+    #[arg(long = "forward", value_name = "HOSTPORT:PORT")]
+    pub forwards: Vec<Forward>,
+    /// Make a host folder visible inside the box at the same path (repeatable).
+    #[arg(long = "share", value_name = "DIR")]
+    pub shares: Vec<PathBuf>,
+    /// Memory of the box in MiB.
+    #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u64).range(256..=65536))]
+    pub mem_mib: u64,
+    /// Run CMD directly on this host (needs vmx/svm in the CPU flags and a working /dev/kvm).
+    #[arg(long)]
+    pub native: bool,
+    /// Kill the box (and fail) after this many seconds.
+    #[arg(long, default_value_t = 1800, value_name = "SECONDS")]
+    pub timeout: u64,
+    /// The command to run, after `--`.
+    #[arg(last = true, required = true, value_name = "CMD")]
+    pub command: Vec<String>,
+}
+
+/// The command: runs CMD in the box and returns its exit status.
+pub fn run(args: &BoxArgs) -> Result<i32> {
+    setup::ensure(setup::Report::Changes)?;
+    images::build_musl_binaries(&[])?;
+    if args.native {
+        run_native(args)
+    } else {
+        run_in_box(args)
+    }
+}
+
+/// The folder with the guest images: `$DITTO_IMAGES`, else the one `cargo xtask images` fills.
+fn images_dir() -> PathBuf {
+    std::env::var_os("DITTO_IMAGES")
+        .filter(|d| !d.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(paths::guest_dir)
+}
+
+/// PATH inside the box or for the native run: the project's release musl binaries first.
+fn search_path() -> String {
+    format!(
+        "{}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        paths::musl_release_dir().display()
+    )
+}
+
+fn host_has_hardware_virtualisation() -> bool {
+    fs::read_to_string("/proc/cpuinfo").is_ok_and(|info| {
+        info.lines()
+            .filter(|l| l.starts_with("flags"))
+            .any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"))
+    })
+}
+
+fn run_native(args: &BoxArgs) -> Result<i32> {
+    if !host_has_hardware_virtualisation() {
+        bail!(
+            "--native needs a CPU with vmx or svm; this host has neither: drop --native to use the box"
+        );
+    }
+    if !Path::new("/dev/kvm").exists() {
+        bail!("--native needs /dev/kvm: load kvm_intel or kvm_amd (modprobe), or drop --native");
+    }
+    let (program, rest) = args.command.split_first().context("no command given")?;
+    let status = Command::new(program)
+        .args(rest)
+        .env("PATH", search_path())
+        .env("DITTO_IMAGES", images_dir())
+        .status()
+        .with_context(|| format!("cannot run {program}"))?;
+    Ok(exit_code(status))
+}
+
+fn exit_code(status: std::process::ExitStatus) -> i32 {
+    use std::os::unix::process::ExitStatusExt;
+    status
+        .code()
+        .or_else(|| status.signal().map(|s| 128 + s))
+        .unwrap_or(1)
+}
+
+/// The box's kernel and initramfs, built when missing or changed.
+fn box_assets() -> Result<(PathBuf, PathBuf)> {
+    let kernel = debian::kernel(BOX_KERNEL)?;
+    let dir = paths::box_dir();
+    let vmlinuz = dir.join("vmlinuz");
+    stamp::build_if_changed(
+        &vmlinuz,
+        Inputs::default().file("kernel", &kernel.vmlinuz())?,
+        |out| {
+            fs::copy(kernel.vmlinuz(), out)?;
+            Ok(())
+        },
+    )?;
+    let initrd = dir.join("initramfs.img");
+    let inputs = Inputs::default()
+        .text("release", &kernel.release)
+        .text("init", BOX_INIT)
+        .text("modules", &BOX_MODULES.join(" "))
+        .file("busybox", Path::new(initramfs::BUSYBOX))?;
+    stamp::build_if_changed(&initrd, inputs, |out| {
+        initramfs::build(
+            &initramfs::Spec {
+                kernel: &kernel,
+                modules: BOX_MODULES,
+                init: BOX_INIT,
+            },
+            out,
+        )
+    })?;
+    Ok((vmlinuz, initrd))
+}
+
+/// Quotes `s` for a POSIX shell.
+pub fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+/// Kills and reaps QEMU when dropped, so no box outlives its run.
+struct Qemu(Child);
+
+impl Drop for Qemu {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Removes the control folder when dropped.
+struct ControlDir(PathBuf);
+
+impl Drop for ControlDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+fn run_in_box(args: &BoxArgs) -> Result<i32> {
+    let started = Instant::now();
+    if !crate::cmd::on_path("qemu-system-x86_64") {
+        bail!(
+            "qemu-system-x86_64 is not installed: run `cargo xtask setup` (Debian package qemu-system-x86)"
+        );
+    }
+    let (vmlinuz, initrd) = box_assets()?;
+
+    let ctl = ControlDir(paths::box_dir().join(format!("run-{}", std::process::id())));
+    let _ = fs::remove_dir_all(&ctl.0);
+    fs::create_dir_all(&ctl.0)?;
+    let console_log = ctl.0.join("console.log");
+
+    // Folders the box sees at their host paths: the workspace (and so the binaries and images
+    // below target/), a target folder elsewhere, the images, and whatever the caller asked for.
+    let mut shares: Vec<PathBuf> = vec![paths::workspace(), paths::target_dir()];
+    let images = images_dir();
+    if images.exists() || std::env::var_os("DITTO_IMAGES").is_some() {
+        shares.push(images);
+    }
+    shares.extend(args.shares.iter().cloned());
+    let mut mounts: Vec<PathBuf> = Vec::new();
+    for dir in shares {
+        let dir = dir
+            .canonicalize()
+            .with_context(|| format!("shared folder {}", dir.display()))?;
+        if !dir.is_dir() {
+            bail!("shared folder {}: not a folder", dir.display());
+        }
+        if dir.to_string_lossy().contains([',', ' ', ':']) {
+            bail!(
+                "shared folder {}: the path may not contain ',', ':' or spaces",
+                dir.display()
+            );
+        }
+        mounts.push(dir);
+    }
+    // A folder inside another shared one is visible already.
+    mounts.sort_by_key(|d| d.components().count());
+    let mut outer: Vec<PathBuf> = Vec::new();
+    for dir in mounts {
+        if !outer.iter().any(|o| dir.starts_with(o)) {
+            outer.push(dir);
+        }
+    }
+    let mounts = outer;
+
+    let mut script = String::from("set -e\n");
+    let mut env = vec![
+        ("PATH".to_owned(), search_path()),
+        ("HOME".to_owned(), "/root".to_owned()),
+        (
+            "DITTO_IMAGES".to_owned(),
+            images_dir().display().to_string(),
+        ),
+        ("DITTO_IN_BOX".to_owned(), "1".to_owned()),
+    ];
+    for name in [
+        "RUST_BACKTRACE",
+        "RUST_LOG",
+        "RUST_TEST_THREADS",
+        "NO_COLOR",
+    ] {
+        if let Ok(value) = std::env::var(name) {
+            env.push((name.to_owned(), value));
+        }
+    }
+    for (name, value) in &env {
+        writeln!(script, "export {name}={}", shell_quote(value))?;
+    }
+    writeln!(script, "mkdir -p /root")?;
+    writeln!(
+        script,
+        "cd {}",
+        shell_quote(&paths::workspace().display().to_string())
+    )?;
+    script.push_str("set +e\nexec");
+    for arg in &args.command {
+        script.push(' ');
+        script.push_str(&shell_quote(arg));
+    }
+    script.push('\n');
+    fs::write(ctl.0.join("cmd"), script)?;
+
+    let mut append = String::from("console=ttyS0 panic=-1");
+    let shares_arg: Vec<String> = mounts
+        .iter()
+        .enumerate()
+        .map(|(i, dir)| format!("s{i}:{}", dir.display()))
+        .collect();
+    if !shares_arg.is_empty() {
+        write!(append, " ditto.shares={}", shares_arg.join(","))?;
+    }
+    if !args.forwards.is_empty() {
+        append.push_str(" ditto.net=1");
+    }
+
+    let mut qemu = Command::new("qemu-system-x86_64");
+    qemu.args([
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-no-reboot",
+    ])
+    .args(["-accel", "tcg,thread=multi", "-cpu", BOX_CPU, "-M", "q35"])
+    .args(["-smp", "2", "-m", &args.mem_mib.to_string()])
+    .arg("-kernel")
+    .arg(&vmlinuz)
+    .arg("-initrd")
+    .arg(&initrd)
+    .args(["-append", &append])
+    .arg("-serial")
+    .arg(format!("file:{}", console_log.display()))
+    .args(["-serial", "stdio"]);
+    let virtfs = |tag: &str, dir: &Path| {
+        format!(
+            "local,path={},mount_tag={tag},security_model=none,multidevs=remap",
+            dir.display()
+        )
+    };
+    qemu.arg("-virtfs").arg(virtfs("ctl", &ctl.0));
+    for (i, dir) in mounts.iter().enumerate() {
+        qemu.arg("-virtfs").arg(virtfs(&format!("s{i}"), dir));
+    }
+    if args.forwards.is_empty() {
+        qemu.args(["-nic", "none"]);
+    } else {
+        let mut netdev = String::from("user,id=n0");
+        for f in &args.forwards {
+            write!(netdev, ",hostfwd=tcp:127.0.0.1:{}-:{}", f.host, f.guest)?;
+        }
+        qemu.args(["-netdev", &netdev, "-device", "virtio-net-pci,netdev=n0"]);
+    }
+    qemu.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    // SAFETY: the closure runs in the child between fork and exec and calls only prctl, which is
+    // async-signal-safe; it makes the kernel kill QEMU if this process dies first.
+    unsafe {
+        qemu.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = Qemu(qemu.spawn().context("cannot start qemu-system-x86_64")?);
+
+    let mut stdout = child.0.stdout.take().context("QEMU has no stdout")?;
+    let forward = std::thread::spawn(move || {
+        let mut buf = [0u8; 8192];
+        let mut out = std::io::stdout();
+        while let Ok(n) = stdout.read(&mut buf) {
+            if n == 0 || out.write_all(&buf[..n]).and_then(|()| out.flush()).is_err() {
+                break;
+            }
+        }
+    });
+    let mut stderr = child.0.stderr.take().context("QEMU has no stderr")?;
+    let errors = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = stderr.read_to_string(&mut text);
+        text
+    });
+
+    let deadline = Duration::from_secs(args.timeout);
+    let qemu_status = loop {
+        if let Some(status) = child.0.try_wait()? {
+            break Some(status);
+        }
+        if started.elapsed() > deadline {
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    drop(child);
+    let _ = forward.join();
+    let qemu_errors = errors.join().unwrap_or_default();
+    let console = fs::read_to_string(&console_log).unwrap_or_default();
+    let _ = fs::copy(&console_log, paths::box_dir().join("last-console.log"));
+
+    let Some(qemu_status) = qemu_status else {
+        eprintln!(
+            "box: {} timed out after {} s; the box's console:\n{}",
+            args.command.join(" "),
+            args.timeout,
+            tail(&console, 60)
+        );
+        return Ok(TIMED_OUT);
+    };
+    if let Ok(error) = fs::read_to_string(ctl.0.join("error")) {
+        bail!("{}", error.trim());
+    }
+    let Ok(status) = fs::read_to_string(ctl.0.join("status")) else {
+        bail!(
+            "the box stopped ({qemu_status}) without reporting the command's status\n\
+             QEMU said: {}\nthe box's console:\n{}",
+            qemu_errors.trim(),
+            tail(&console, 60)
+        );
+    };
+    let status: i32 = status
+        .trim()
+        .parse()
+        .with_context(|| format!("the box reported a malformed status {status:?}"))?;
+    eprintln!(
+        "box: `{}` exited with {status} after {:.1} s in the box",
+        args.command.join(" "),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(status)
+}
+
+fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
