@@ -1,7 +1,8 @@
 #!/bin/busybox sh
 # ditto guest initramfs: load the virtio modules, mount the root disk, switch to it.
 # Kernel command line: root=DEV|UUID=…|LABEL=… (default /dev/vda), rootfstype= (ext4),
-# rootflags=, ro|rw (rw), rootdelay=SECONDS to wait for the disk (10), init=PATH (/sbin/init).
+# rootflags=, ro|rw (rw), rootdelay=SECONDS to wait for the disk (10), init=PATH (/sbin/init);
+# arguments after `--` on the command line are passed on to that init.
 /bin/busybox --install -s /bin
 export PATH=/bin
 mount -t proc proc /proc
@@ -51,4 +52,4 @@ mount -t "$fstype" -o "$opts" "$dev" /newroot || rescue "cannot mount $dev ($fst
 
 mount --move /dev /newroot/dev 2>/dev/null || umount /dev
 umount /sys /proc
-exec switch_root /newroot "$init"
+exec switch_root /newroot "$init" "$@"

@@ -13,7 +13,7 @@ use anyhow::{Context, Result, bail};
 use crate::initramfs::{self, BUSYBOX};
 use crate::paths::{self, MUSL_TARGET};
 use crate::stamp::{self, Inputs};
-use crate::{cmd, debian, setup};
+use crate::{cmd, setup};
 
 /// The Debian meta package of the guest kernel.
 const GUEST_KERNEL: &str = "linux-image-cloud-amd64";
@@ -96,37 +96,10 @@ pub fn run(args: &ImagesArgs) -> Result<()> {
 /// Builds whatever changed and returns where the images are.
 pub fn build(args: &ImagesArgs) -> Result<GuestImages> {
     build_musl_binaries(&GUEST_BINARIES.iter().map(|b| b.0).collect::<Vec<_>>())?;
-    let kernel = debian::kernel(GUEST_KERNEL)?;
     let dir = paths::guest_dir();
-
-    let vmlinuz = dir.join("vmlinuz");
-    let built = stamp::build_if_changed(
-        &vmlinuz,
-        Inputs::default().file("kernel", &kernel.vmlinuz())?,
-        |out| {
-            fs::copy(kernel.vmlinuz(), out)?;
-            Ok(())
-        },
-    )?;
-    say(built, &vmlinuz, &kernel.release);
-
-    let initrd = dir.join("initramfs.img");
-    let inputs = Inputs::default()
-        .text("release", &kernel.release)
-        .text("init", GUEST_INIT)
-        .text("modules", &GUEST_MODULES.join(" "))
-        .file("busybox", Path::new(BUSYBOX))?;
-    let built = stamp::build_if_changed(&initrd, inputs, |out| {
-        initramfs::build(
-            &initramfs::Spec {
-                kernel: &kernel,
-                modules: GUEST_MODULES,
-                init: GUEST_INIT,
-            },
-            out,
-        )
-    })?;
-    say(built, &initrd, "busybox, virtio modules");
+    let boot = initramfs::kernel_and_initramfs(GUEST_KERNEL, GUEST_MODULES, GUEST_INIT, &dir)?;
+    say(boot.built.0, &boot.vmlinuz, &boot.release);
+    say(boot.built.1, &boot.initramfs, "busybox, virtio modules");
 
     let rootfs = dir.join("rootfs.ext4");
     let mut inputs = Inputs::default()

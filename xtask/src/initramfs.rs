@@ -10,24 +10,75 @@ use std::process::{Command, Stdio};
 
 use anyhow::{Context, Result, bail};
 
-use crate::debian::Kernel;
+use crate::debian::{self, Kernel};
+use crate::stamp::{self, Inputs};
 
 /// The static busybox that Debian's busybox-static installs.
 pub const BUSYBOX: &str = "/bin/busybox";
 
+/// A kernel and its initramfs, as files in one folder.
+pub struct BootFiles {
+    /// The bzImage.
+    pub vmlinuz: PathBuf,
+    /// The initramfs archive.
+    pub initramfs: PathBuf,
+    /// The kernel release.
+    pub release: String,
+    /// Whether each of the two was (re)built now.
+    pub built: (bool, bool),
+}
+
+/// Fetches the kernel Debian's meta package `meta` depends on and puts it into `dir` as
+/// `vmlinuz`, with an `initramfs.img` holding `modules` and `init`; rebuilds only what changed.
+pub fn kernel_and_initramfs(
+    meta: &str,
+    modules: &[&str],
+    init: &str,
+    dir: &Path,
+) -> Result<BootFiles> {
+    let kernel = debian::kernel(meta)?;
+    let vmlinuz = dir.join("vmlinuz");
+    let built_kernel = stamp::build_if_changed(
+        &vmlinuz,
+        Inputs::default().file("kernel", &kernel.vmlinuz())?,
+        |out| {
+            fs::copy(kernel.vmlinuz(), out)?;
+            Ok(())
+        },
+    )?;
+    let initramfs = dir.join("initramfs.img");
+    let inputs = Inputs::default()
+        .text("release", &kernel.release)
+        .text("init", init)
+        .text("modules", &modules.join(" "))
+        .file("busybox", Path::new(BUSYBOX))?;
+    let spec = Spec {
+        kernel: &kernel,
+        modules,
+        init,
+    };
+    let built_initramfs = stamp::build_if_changed(&initramfs, inputs, |out| build(&spec, out))?;
+    Ok(BootFiles {
+        vmlinuz,
+        initramfs,
+        release: kernel.release,
+        built: (built_kernel, built_initramfs),
+    })
+}
+
 /// What goes into one initramfs.
-pub struct Spec<'a> {
+struct Spec<'a> {
     /// The kernel whose modules are included.
-    pub kernel: &'a Kernel,
+    kernel: &'a Kernel,
     /// Modules to include and load at boot, in load order (dependencies are added).
-    pub modules: &'a [&'a str],
+    modules: &'a [&'a str],
     /// The `/init` script.
-    pub init: &'a str,
+    init: &'a str,
 }
 
 /// Builds the archive at `out`. `/init` gets a line `MODULES="…"` naming the modules to
 /// modprobe (those built into the kernel are left out).
-pub fn build(spec: &Spec<'_>, out: &Path) -> Result<()> {
+fn build(spec: &Spec<'_>, out: &Path) -> Result<()> {
     let staging = out.with_extension("staging");
     let _ = fs::remove_dir_all(&staging);
     for dir in [

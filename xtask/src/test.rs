@@ -6,7 +6,7 @@ use anyhow::{Context, Result, bail};
 
 use crate::paths::MUSL_TARGET;
 use crate::testbox::{self, BoxArgs};
-use crate::{cmd, images, setup};
+use crate::{bootcheck, cmd, images, setup};
 
 /// The package holding the end-to-end tests.
 const E2E_PACKAGE: &str = "ditto-tests";
@@ -38,8 +38,11 @@ pub fn run(args: &TestArgs) -> Result<()> {
     step("unit and integration tests", || {
         cmd::run(cmd::cargo().args(["test", "--workspace"]))
     })?;
-    step("guest images", || {
-        images::build(&images::ImagesArgs::default()).map(drop)
+    let guest = step("guest images", || {
+        images::build(&images::ImagesArgs::default())
+    })?;
+    step("guest images boot (QEMU microvm, ACPI virtio-mmio)", || {
+        bootcheck::check(&guest.dir)
     })?;
     let executables = step("end-to-end test build", e2e_executables)?;
     step("end-to-end tests in the KVM test box", || {

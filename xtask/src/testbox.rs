@@ -7,9 +7,8 @@
 use std::fmt::Write as _;
 use std::fs;
 use std::io::{Read, Write};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::str::FromStr;
 use std::time::{Duration, Instant};
 
@@ -17,8 +16,8 @@ use anyhow::{Context, Result, bail};
 
 use crate::initramfs;
 use crate::paths;
-use crate::stamp::{self, Inputs};
-use crate::{debian, images, setup};
+use crate::qemu;
+use crate::{images, setup};
 
 /// The Debian meta package of the box kernel.
 const BOX_KERNEL: &str = "linux-image-amd64";
@@ -155,51 +154,9 @@ fn exit_code(status: std::process::ExitStatus) -> i32 {
         .unwrap_or(1)
 }
 
-/// The box's kernel and initramfs, built when missing or changed.
-fn box_assets() -> Result<(PathBuf, PathBuf)> {
-    let kernel = debian::kernel(BOX_KERNEL)?;
-    let dir = paths::box_dir();
-    let vmlinuz = dir.join("vmlinuz");
-    stamp::build_if_changed(
-        &vmlinuz,
-        Inputs::default().file("kernel", &kernel.vmlinuz())?,
-        |out| {
-            fs::copy(kernel.vmlinuz(), out)?;
-            Ok(())
-        },
-    )?;
-    let initrd = dir.join("initramfs.img");
-    let inputs = Inputs::default()
-        .text("release", &kernel.release)
-        .text("init", BOX_INIT)
-        .text("modules", &BOX_MODULES.join(" "))
-        .file("busybox", Path::new(initramfs::BUSYBOX))?;
-    stamp::build_if_changed(&initrd, inputs, |out| {
-        initramfs::build(
-            &initramfs::Spec {
-                kernel: &kernel,
-                modules: BOX_MODULES,
-                init: BOX_INIT,
-            },
-            out,
-        )
-    })?;
-    Ok((vmlinuz, initrd))
-}
-
 /// Quotes `s` for a POSIX shell.
 pub fn shell_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', r"'\''"))
-}
-
-/// Kills and reaps QEMU when dropped, so no box outlives its run.
-struct Qemu(Child);
-
-impl Drop for Qemu {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 /// Removes the control folder when dropped.
@@ -213,12 +170,9 @@ impl Drop for ControlDir {
 
 fn run_in_box(args: &BoxArgs) -> Result<i32> {
     let started = Instant::now();
-    if !crate::cmd::on_path("qemu-system-x86_64") {
-        bail!(
-            "qemu-system-x86_64 is not installed: run `cargo xtask setup` (Debian package qemu-system-x86)"
-        );
-    }
-    let (vmlinuz, initrd) = box_assets()?;
+    let mut qemu = qemu::command()?;
+    let boot =
+        initramfs::kernel_and_initramfs(BOX_KERNEL, BOX_MODULES, BOX_INIT, &paths::box_dir())?;
 
     let ctl = ControlDir(paths::box_dir().join(format!("run-{}", std::process::id())));
     let _ = fs::remove_dir_all(&ctl.0);
@@ -309,24 +263,16 @@ fn run_in_box(args: &BoxArgs) -> Result<i32> {
         append.push_str(" ditto.net=1");
     }
 
-    let mut qemu = Command::new("qemu-system-x86_64");
-    qemu.args([
-        "-nodefaults",
-        "-no-user-config",
-        "-display",
-        "none",
-        "-no-reboot",
-    ])
-    .args(["-accel", "tcg,thread=multi", "-cpu", BOX_CPU, "-M", "q35"])
-    .args(["-smp", "2", "-m", &args.mem_mib.to_string()])
-    .arg("-kernel")
-    .arg(&vmlinuz)
-    .arg("-initrd")
-    .arg(&initrd)
-    .args(["-append", &append])
-    .arg("-serial")
-    .arg(format!("file:{}", console_log.display()))
-    .args(["-serial", "stdio"]);
+    qemu.args(["-accel", "tcg,thread=multi", "-cpu", BOX_CPU, "-M", "q35"])
+        .args(["-smp", "2", "-m", &args.mem_mib.to_string()])
+        .arg("-kernel")
+        .arg(&boot.vmlinuz)
+        .arg("-initrd")
+        .arg(&boot.initramfs)
+        .args(["-append", &append])
+        .arg("-serial")
+        .arg(format!("file:{}", console_log.display()))
+        .args(["-serial", "stdio"]);
     let virtfs = |tag: &str, dir: &Path| {
         format!(
             "local,path={},mount_tag={tag},security_model=none,multidevs=remap",
@@ -346,20 +292,7 @@ fn run_in_box(args: &BoxArgs) -> Result<i32> {
         }
         qemu.args(["-netdev", &netdev, "-device", "virtio-net-pci,netdev=n0"]);
     }
-    qemu.stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    // SAFETY: the closure runs in the child between fork and exec and calls only prctl, which is
-    // async-signal-safe; it makes the kernel kill QEMU if this process dies first.
-    unsafe {
-        qemu.pre_exec(|| {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let mut child = Qemu(qemu.spawn().context("cannot start qemu-system-x86_64")?);
+    let mut child = qemu::spawn(qemu)?;
 
     let mut stdout = child.0.stdout.take().context("QEMU has no stdout")?;
     let forward = std::thread::spawn(move || {
@@ -396,8 +329,8 @@ fn run_in_box(args: &BoxArgs) -> Result<i32> {
 
     let Some(qemu_status) = qemu_status else {
         eprintln!(
-            "box: {} timed out after {} s; the box's console:\n{}",
-            args.command.join(" "),
+            "box: `{}` timed out after {} s; the box's console:\n{}",
+            short(&args.command.join(" ")),
             args.timeout,
             tail(&console, 60)
         );
@@ -419,8 +352,8 @@ fn run_in_box(args: &BoxArgs) -> Result<i32> {
         .parse()
         .with_context(|| format!("the box reported a malformed status {status:?}"))?;
     eprintln!(
-        "box: `{}` exited with {status} after {:.1} s in the box",
-        args.command.join(" "),
+        "box: `{}` exited with {status} after {:.1} s",
+        short(&args.command.join(" ")),
         started.elapsed().as_secs_f64()
     );
     Ok(status)
@@ -429,4 +362,15 @@ fn run_in_box(args: &BoxArgs) -> Result<i32> {
 fn tail(text: &str, lines: usize) -> String {
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// The first line of a command, cut to a readable length, for messages.
+fn short(command: &str) -> String {
+    let line = command.lines().next().unwrap_or_default();
+    let cut: String = line.chars().take(72).collect();
+    if cut.len() < command.len() {
+        format!("{cut}…")
+    } else {
+        cut
+    }
 }
