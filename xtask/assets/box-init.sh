@@ -49,7 +49,7 @@ for share in $(echo "$shares" | tr ',' ' '); do
 		fail "box: cannot mount the shared folder $path"
 done
 
-[ -c /dev/kvm ] || fail "box: /dev/kvm is missing in the box (modprobe kvm_amd failed: $(dmesg | grep -i -m1 -E 'kvm|svm'))"
+[ -c /dev/kvm ] || fail "box: /dev/kvm is missing in the box ($(dmesg | grep -i -m1 -E 'kvm|svm' || echo 'kvm_amd did not load')); the box needs a QEMU whose emulated EPYC CPU has SVM (Debian's qemu-system-x86 7.2 or later)"
 
 if [ "$net" = 1 ]; then
 	ip link set lo up

@@ -120,8 +120,8 @@ pub fn build(args: &ImagesArgs) -> Result<GuestImages> {
         let _ = fs::remove_dir_all(&staging);
         fs::create_dir_all(&staging)?;
         match &args.alpine_rootfs {
-            Some(tarball) => stage_alpine(tarball, &staging)?,
-            None => stage_busybox(&staging)?,
+            Some(tarball) => stage_alpine(tarball, &Sources::workspace(), &staging)?,
+            None => stage_busybox(&Sources::workspace(), &staging)?,
         }
         make_ext4(&staging, args.rootfs_mib, out)?;
         fs::remove_dir_all(&staging)?;
@@ -173,20 +173,38 @@ fn write_file(root: &Path, rel: &str, text: &str, mode: u32) -> Result<()> {
     Ok(())
 }
 
-fn install_binaries(root: &Path) -> Result<()> {
+/// Where the files that go into a root disk come from.
+struct Sources {
+    /// The folder with the static musl binaries of [`GUEST_BINARIES`].
+    binaries: PathBuf,
+    /// The agent's OpenRC service script.
+    openrc_script: PathBuf,
+}
+
+impl Sources {
+    /// This workspace's release musl binaries and packaging files.
+    fn workspace() -> Self {
+        Self {
+            binaries: paths::musl_release_dir(),
+            openrc_script: paths::workspace().join(OPENRC_SCRIPT),
+        }
+    }
+}
+
+fn install_binaries(sources: &Sources, root: &Path) -> Result<()> {
     for (_, bin, dest) in GUEST_BINARIES {
         let to = root.join(dest);
         if let Some(dir) = to.parent() {
             fs::create_dir_all(dir)?;
         }
-        initramfs::copy_executable(&paths::musl_release_dir().join(bin), &to)?;
+        initramfs::copy_executable(&sources.binaries.join(bin), &to)?;
     }
     Ok(())
 }
 
 /// A root disk of busybox (with a link per applet), the project's binaries and an init that
 /// mounts /proc, /sys, /dev and keeps the agent running.
-fn stage_busybox(root: &Path) -> Result<()> {
+fn stage_busybox(sources: &Sources, root: &Path) -> Result<()> {
     for dir in [
         "bin",
         "sbin",
@@ -220,11 +238,11 @@ fn stage_busybox(root: &Path) -> Result<()> {
     for (path, text, mode) in ROOTFS_FILES {
         write_file(root, path, text, *mode)?;
     }
-    install_binaries(root)
+    install_binaries(sources, root)
 }
 
 /// A root disk from an Alpine minirootfs tarball, with the agent as an OpenRC service.
-fn stage_alpine(tarball: &Path, root: &Path) -> Result<()> {
+fn stage_alpine(tarball: &Path, sources: &Sources, root: &Path) -> Result<()> {
     if !tarball.is_file() {
         bail!("--alpine-rootfs {}: no such file", tarball.display());
     }
@@ -242,7 +260,7 @@ fn stage_alpine(tarball: &Path, root: &Path) -> Result<()> {
             tarball.display()
         );
     }
-    install_binaries(root)?;
+    install_binaries(sources, root)?;
     let hostname = ROOTFS_FILES
         .iter()
         .find(|f| f.0 == "etc/hostname")
@@ -253,8 +271,12 @@ fn stage_alpine(tarball: &Path, root: &Path) -> Result<()> {
         symlink("/bin/busybox", &init)?;
     }
     if root.join("sbin/openrc").exists() {
-        let script = fs::read_to_string(paths::workspace().join(OPENRC_SCRIPT))
-            .with_context(|| format!("reading the agent's OpenRC script {OPENRC_SCRIPT}"))?;
+        let script = fs::read_to_string(&sources.openrc_script).with_context(|| {
+            format!(
+                "reading the agent's OpenRC script {}",
+                sources.openrc_script.display()
+            )
+        })?;
         write_file(root, "etc/init.d/ditto-agent", &script, 0o755)?;
         for (level, service) in [
             ("sysinit", "devfs"),
@@ -311,4 +333,126 @@ fn make_ext4(root: &Path, size_mib: u64, out: &Path) -> Result<()> {
     )
     .context("mkfs.ext4 (Debian package e2fsprogs) could not build the root disk")?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A minimal Alpine-like tarball: the release file, busybox, and OpenRC if asked for.
+    fn alpine_tarball(dir: &Path, with_openrc: bool) -> PathBuf {
+        let tree = dir.join("tree");
+        for d in ["etc/init.d", "bin", "sbin"] {
+            fs::create_dir_all(tree.join(d)).unwrap();
+        }
+        fs::write(tree.join("etc/alpine-release"), "3.20.0\n").unwrap();
+        fs::write(tree.join("bin/busybox"), "not really busybox").unwrap();
+        if with_openrc {
+            fs::write(tree.join("sbin/openrc"), "").unwrap();
+            fs::write(tree.join("etc/init.d/devfs"), "").unwrap();
+        }
+        let tarball = dir.join("alpine.tar.gz");
+        cmd::run(
+            Command::new("tar")
+                .arg("-czf")
+                .arg(&tarball)
+                .arg("-C")
+                .arg(&tree)
+                .arg("."),
+        )
+        .unwrap();
+        tarball
+    }
+
+    fn sources(dir: &Path) -> Sources {
+        let binaries = dir.join("bin");
+        fs::create_dir_all(&binaries).unwrap();
+        for (_, bin, _) in GUEST_BINARIES {
+            fs::write(binaries.join(bin), format!("{bin} binary")).unwrap();
+        }
+        let openrc_script = dir.join("ditto-agent.openrc");
+        fs::write(&openrc_script, "#!/sbin/openrc-run\n").unwrap();
+        Sources {
+            binaries,
+            openrc_script,
+        }
+    }
+
+    fn temp_dir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("xtask-{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn alpine_with_openrc_gets_the_agent_as_a_service() {
+        let dir = temp_dir("alpine-openrc");
+        let tarball = alpine_tarball(&dir, true);
+        let root = dir.join("root");
+        fs::create_dir_all(&root).unwrap();
+        stage_alpine(&tarball, &sources(&dir), &root).unwrap();
+        assert_eq!(
+            fs::read_to_string(root.join("usr/sbin/ditto-agent")).unwrap(),
+            "ditto-agent binary"
+        );
+        assert!(root.join("etc/init.d/ditto-agent").is_file());
+        assert_eq!(
+            fs::read_link(root.join("etc/runlevels/default/ditto-agent")).unwrap(),
+            Path::new("/etc/init.d/ditto-agent")
+        );
+        assert!(
+            root.join("etc/runlevels/sysinit/devfs")
+                .symlink_metadata()
+                .is_ok()
+        );
+        // Services the tarball does not have are not enabled.
+        assert!(
+            root.join("etc/runlevels/boot/hostname")
+                .symlink_metadata()
+                .is_err()
+        );
+        let inittab = fs::read_to_string(root.join("etc/inittab")).unwrap();
+        assert!(inittab.contains("/sbin/openrc default"), "{inittab}");
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn alpine_without_openrc_runs_the_agent_under_busybox_init() {
+        let dir = temp_dir("alpine-plain");
+        let tarball = alpine_tarball(&dir, false);
+        let root = dir.join("root");
+        fs::create_dir_all(&root).unwrap();
+        stage_alpine(&tarball, &sources(&dir), &root).unwrap();
+        let inittab = fs::read_to_string(root.join("etc/inittab")).unwrap();
+        assert!(inittab.contains("/usr/sbin/ditto-agent serve"), "{inittab}");
+        assert!(root.join("etc/init.d/rcS").is_file());
+        assert!(root.join("usr/sbin/ditto-agent").is_file());
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_tarball_that_is_not_alpine_is_refused() {
+        let dir = temp_dir("not-alpine");
+        let tree = dir.join("tree");
+        fs::create_dir_all(tree.join("etc")).unwrap();
+        let tarball = dir.join("other.tar");
+        cmd::run(
+            Command::new("tar")
+                .arg("-cf")
+                .arg(&tarball)
+                .arg("-C")
+                .arg(&tree)
+                .arg("."),
+        )
+        .unwrap();
+        let root = dir.join("root");
+        fs::create_dir_all(&root).unwrap();
+        let err = stage_alpine(&tarball, &sources(&dir), &root).unwrap_err();
+        assert!(
+            err.to_string().contains("not an Alpine minirootfs"),
+            "{err}"
+        );
+        fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -209,3 +209,51 @@ fn list(root: &Path, dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn modules_come_with_their_dependencies_and_builtins_are_not_loaded() {
+        let dir = std::env::temp_dir().join(format!("xtask-modules-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let kernel = Kernel {
+            release: "6.1.0-test".into(),
+            root: dir.join("kernel"),
+        };
+        let modules = kernel.modules_dir();
+        fs::create_dir_all(modules.join("kernel/drivers")).unwrap();
+        for m in [
+            "virtio.ko",
+            "virtio_ring.ko",
+            "virtio-blk.ko",
+            "unrelated.ko",
+        ] {
+            fs::write(modules.join("kernel/drivers").join(m), m).unwrap();
+        }
+        fs::write(
+            modules.join("modules.dep"),
+            "kernel/drivers/virtio-blk.ko: kernel/drivers/virtio.ko kernel/drivers/virtio_ring.ko\n\
+             kernel/drivers/virtio.ko: kernel/drivers/virtio_ring.ko\n\
+             kernel/drivers/virtio_ring.ko:\n\
+             kernel/drivers/unrelated.ko:\n",
+        )
+        .unwrap();
+        fs::write(modules.join("modules.builtin"), "kernel/fs/ext4/ext4.ko\n").unwrap();
+
+        let staging = dir.join("staging");
+        let loadable = stage_modules(&kernel, &["virtio_blk", "ext4"], &staging).unwrap();
+        assert_eq!(loadable, ["virtio_blk"]);
+        let staged = staging.join("lib/modules/6.1.0-test/kernel/drivers");
+        for m in ["virtio.ko", "virtio_ring.ko", "virtio-blk.ko"] {
+            assert!(staged.join(m).is_file(), "{m} missing");
+        }
+        assert!(!staged.join("unrelated.ko").exists());
+        assert!(staging.join("lib/modules/6.1.0-test/modules.dep").is_file());
+
+        let err = stage_modules(&kernel, &["nonexistent"], &staging).unwrap_err();
+        assert!(err.to_string().contains("no module nonexistent"), "{err}");
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}

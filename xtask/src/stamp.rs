@@ -75,3 +75,40 @@ pub fn build_if_changed(
     fs::write(&stamp, hash).with_context(|| format!("writing {}", stamp.display()))?;
     Ok(true)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rebuilds_only_when_inputs_change() {
+        let dir = std::env::temp_dir().join(format!("xtask-stamp-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        let artifact = dir.join("out.img");
+        let input = dir.join("input");
+        fs::write(&input, "one").unwrap();
+        let build = |out: &Path| Ok(fs::write(out, "built")?);
+        let inputs = || {
+            Inputs::default()
+                .text("k", "v")
+                .file("input", &input)
+                .unwrap()
+        };
+
+        assert!(build_if_changed(&artifact, inputs(), build).unwrap());
+        assert!(!build_if_changed(&artifact, inputs(), build).unwrap());
+        fs::write(&input, "two").unwrap();
+        assert!(build_if_changed(&artifact, inputs(), build).unwrap());
+        fs::remove_file(&artifact).unwrap();
+        assert!(build_if_changed(&artifact, inputs(), build).unwrap());
+
+        // A failed build leaves no artifact and no stamp.
+        fs::write(&input, "three").unwrap();
+        let failed = build_if_changed(&artifact, inputs(), |_| anyhow::bail!("no"));
+        assert!(failed.is_err());
+        assert!(!artifact.exists() || !stamp_path(&artifact).exists());
+        assert!(build_if_changed(&artifact, inputs(), build).unwrap());
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -374,3 +374,27 @@ fn short(command: &str) -> String {
         cut
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forward_parses_and_refuses_bad_ports() {
+        let f: Forward = "8080:80".parse().unwrap();
+        assert_eq!((f.host, f.guest), (8080, 80));
+        for bad in ["8080", "0:80", "8080:70000", "a:80", ":80"] {
+            assert!(bad.parse::<Forward>().is_err(), "{bad} was accepted");
+        }
+    }
+
+    #[test]
+    fn shell_quote_survives_quotes() {
+        let out = Command::new("sh")
+            .arg("-c")
+            .arg(format!("printf %s {}", shell_quote("it's $HOME \"x\"")))
+            .output()
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "it's $HOME \"x\"");
+    }
+}
