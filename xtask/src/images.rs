@@ -378,20 +378,14 @@ mod tests {
         }
     }
 
-    fn temp_dir(name: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("xtask-{name}-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).unwrap();
-        dir
-    }
-
     #[test]
     fn alpine_with_openrc_gets_the_agent_as_a_service() {
-        let dir = temp_dir("alpine-openrc");
-        let tarball = alpine_tarball(&dir, true);
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let tarball = alpine_tarball(dir, true);
         let root = dir.join("root");
         fs::create_dir_all(&root).unwrap();
-        stage_alpine(&tarball, &sources(&dir), &root).unwrap();
+        stage_alpine(&tarball, &sources(dir), &root).unwrap();
         assert_eq!(
             fs::read_to_string(root.join("usr/sbin/ditto-agent")).unwrap(),
             "ditto-agent binary"
@@ -414,26 +408,26 @@ mod tests {
         );
         let inittab = fs::read_to_string(root.join("etc/inittab")).unwrap();
         assert!(inittab.contains("/sbin/openrc default"), "{inittab}");
-        fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
     fn alpine_without_openrc_runs_the_agent_under_busybox_init() {
-        let dir = temp_dir("alpine-plain");
-        let tarball = alpine_tarball(&dir, false);
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let tarball = alpine_tarball(dir, false);
         let root = dir.join("root");
         fs::create_dir_all(&root).unwrap();
-        stage_alpine(&tarball, &sources(&dir), &root).unwrap();
+        stage_alpine(&tarball, &sources(dir), &root).unwrap();
         let inittab = fs::read_to_string(root.join("etc/inittab")).unwrap();
         assert!(inittab.contains("/usr/sbin/ditto-agent serve"), "{inittab}");
         assert!(root.join("etc/init.d/rcS").is_file());
         assert!(root.join("usr/sbin/ditto-agent").is_file());
-        fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
     fn a_tarball_that_is_not_alpine_is_refused() {
-        let dir = temp_dir("not-alpine");
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
         let tree = dir.join("tree");
         fs::create_dir_all(tree.join("etc")).unwrap();
         let tarball = dir.join("other.tar");
@@ -448,11 +442,10 @@ mod tests {
         .unwrap();
         let root = dir.join("root");
         fs::create_dir_all(&root).unwrap();
-        let err = stage_alpine(&tarball, &sources(&dir), &root).unwrap_err();
+        let err = stage_alpine(&tarball, &sources(dir), &root).unwrap_err();
         assert!(
             err.to_string().contains("not an Alpine minirootfs"),
             "{err}"
         );
-        fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -216,8 +216,8 @@ mod tests {
 
     #[test]
     fn modules_come_with_their_dependencies_and_builtins_are_not_loaded() {
-        let dir = std::env::temp_dir().join(format!("xtask-modules-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
         let kernel = Kernel {
             release: "6.1.0-test".into(),
             root: dir.join("kernel"),
@@ -254,6 +254,5 @@ mod tests {
 
         let err = stage_modules(&kernel, &["nonexistent"], &staging).unwrap_err();
         assert!(err.to_string().contains("no module nonexistent"), "{err}");
-        fs::remove_dir_all(&dir).unwrap();
     }
 }

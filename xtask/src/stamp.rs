@@ -82,9 +82,8 @@ mod tests {
 
     #[test]
     fn rebuilds_only_when_inputs_change() {
-        let dir = std::env::temp_dir().join(format!("xtask-stamp-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
         let artifact = dir.join("out.img");
         let input = dir.join("input");
         fs::write(&input, "one").unwrap();
@@ -109,6 +108,5 @@ mod tests {
         assert!(failed.is_err());
         assert!(!artifact.exists() || !stamp_path(&artifact).exists());
         assert!(build_if_changed(&artifact, inputs(), build).unwrap());
-        fs::remove_dir_all(&dir).unwrap();
     }
 }
