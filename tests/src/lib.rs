@@ -5,4 +5,5 @@
 //! are in the folder named by `$DITTO_IMAGES`. Tests that need a Linux guest are `#[ignore]`d
 //! locally and run with `--include-ignored` in the box.
 
+pub mod microvm;
 pub mod payload;

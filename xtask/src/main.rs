@@ -1,7 +1,6 @@
 //! `cargo xtask`: ditto's automation — machine setup, guest images, the KVM test box and the
 //! test pipeline. Run `cargo xtask --help` for the commands.
 
-mod bootcheck;
 mod cmd;
 mod debian;
 mod images;
