@@ -5,5 +5,6 @@
 //! are in the folder named by `$DITTO_IMAGES`. Tests that need a Linux guest are `#[ignore]`d
 //! locally and run with `--include-ignored` in the box.
 
+pub mod fixture;
 pub mod microvm;
 pub mod payload;
