@@ -142,6 +142,7 @@ fn say(built: bool, path: &Path, what: &str) {
 }
 
 /// Builds the given packages' binaries as static release musl executables.
+/// With no packages named, builds every binary of the workspace but xtask's own.
 pub fn build_musl_binaries(packages: &[&str]) -> Result<()> {
     let mut build = cmd::cargo();
     build.args([
@@ -152,6 +153,9 @@ pub fn build_musl_binaries(packages: &[&str]) -> Result<()> {
         MUSL_TARGET,
         "--bins",
     ]);
+    if packages.is_empty() {
+        build.args(["--workspace", "--exclude", "xtask"]);
+    }
     for package in packages {
         build.args(["--package", package]);
     }
