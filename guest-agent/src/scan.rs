@@ -1,0 +1,427 @@
+//! One scan: walk the regular files of the eligible filesystems, find which of their pages are
+//! resident, and report each clean page-cache page as (guest frame, disk, byte offset on the
+//! whole disk). Files are only ever mapped read-only and shared, only resident pages are
+//! touched (with `MADV_POPULATE_READ`, which fails instead of raising SIGBUS when a file shrinks
+//! under it), and nothing is written, synced or read from disk on purpose.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File, OpenOptions, ReadDir};
+use std::os::fd::AsFd;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::disks::{self, Disk, DiskError, Layout, Mount, split_dev};
+use crate::extents::{CacheExtent, Coalescer};
+use crate::fiemap::{ExtentMap, Placement};
+use crate::frames::{self, FrameError, FrameReader, PAGE_SIZE};
+
+/// Pages examined per step: bounds the memory a file of any size needs.
+const CHUNK_PAGES: usize = 1024;
+/// Extents per batch handed to the sink.
+pub const BATCH_EXTENTS: usize = 4096;
+const MADV_POPULATE_READ: libc::c_int = 22;
+
+/// What to scan.
+#[derive(Clone, Debug, Default)]
+pub struct ScanOptions {
+    /// Limit the walk to these directories (empty: every eligible filesystem).
+    pub paths: Vec<PathBuf>,
+    /// Stop walking after this long.
+    pub time_budget: Option<Duration>,
+    /// Treat loop devices as disks (for machines that are not ditto guests, such as tests).
+    pub include_loop_devices: bool,
+}
+
+/// What a scan hands on, in order: the disk table once, then extents in batches.
+#[derive(Debug)]
+pub enum ScanEvent {
+    /// The disks that extents refer to by index.
+    Disks(Vec<Disk>),
+    /// A batch of extents.
+    Extents(Vec<CacheExtent>),
+}
+
+/// What a scan found and skipped.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Summary {
+    /// Regular files opened.
+    pub files_visited: u64,
+    /// Files and directory entries skipped, by reason.
+    pub files_skipped: BTreeMap<String, u64>,
+    /// Mounted filesystems skipped, by reason.
+    pub filesystems_skipped: BTreeMap<String, u64>,
+    /// Resident pages of the visited files.
+    pub pages_resident: u64,
+    /// Pages reported as clean page cache.
+    pub pages_reported: u64,
+    /// Resident pages not reported, by reason.
+    pub pages_excluded: BTreeMap<String, u64>,
+    /// Pages that were read back from disk while being mapped (evicted after `mincore`).
+    pub pages_refaulted: u64,
+    /// Wall time of the scan in microseconds.
+    pub elapsed_us: u64,
+    /// The time budget ran out before the walk finished.
+    pub budget_exhausted: bool,
+}
+
+fn bump(map: &mut BTreeMap<String, u64>, reason: &str, n: u64) {
+    *map.entry(reason.to_owned()).or_default() += n;
+}
+
+/// Why a scan failed as a whole (single files never fail a scan).
+#[derive(Debug, thiserror::Error)]
+pub enum ScanError<E> {
+    /// Frame numbers or flags are not readable.
+    #[error(transparent)]
+    Frames(#[from] FrameError),
+    /// The disks could not be found.
+    #[error(transparent)]
+    Disks(#[from] DiskError),
+    /// A path to limit the walk does not exist.
+    #[error("cannot scan {path}: {source}")]
+    Path {
+        /// The path.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The kernel lacks MADV_POPULATE_READ (Linux 5.14).
+    #[error("this kernel lacks MADV_POPULATE_READ (needs Linux 5.14 or later)")]
+    Unsupported,
+    /// The consumer of the report stopped taking it.
+    #[error("the report's consumer went away")]
+    Sink(E),
+}
+
+/// Runs one scan, handing the report to `sink` as it is produced.
+pub fn scan<E>(
+    options: &ScanOptions,
+    mut sink: impl FnMut(ScanEvent) -> Result<(), E>,
+) -> Result<Summary, ScanError<E>> {
+    let started = Instant::now();
+    let frames = FrameReader::open()?;
+    let layout = disks::discover(options.include_loop_devices)?;
+    let mut summary = Summary {
+        filesystems_skipped: layout.skipped.clone(),
+        ..Summary::default()
+    };
+    sink(ScanEvent::Disks(layout.disks.clone())).map_err(ScanError::Sink)?;
+
+    let mut roots: Vec<(PathBuf, &Mount)> = Vec::new();
+    if options.paths.is_empty() {
+        roots.extend(layout.mounts.iter().map(|m| (m.mount_point.clone(), m)));
+    } else {
+        for path in &options.paths {
+            let meta = fs::metadata(path).map_err(|source| ScanError::Path {
+                path: path.clone(),
+                source,
+            })?;
+            match layout.mount_of(split_dev(meta.dev())) {
+                Some(mount) => roots.push((path.clone(), mount)),
+                None => bump(
+                    &mut summary.filesystems_skipped,
+                    "path not on an eligible filesystem",
+                    1,
+                ),
+            }
+        }
+    }
+
+    let deadline = options.time_budget.map(|b| started + b);
+    let mut coalescer = Coalescer::new(BATCH_EXTENTS, |batch| sink(ScanEvent::Extents(batch)));
+    let mut ctx = FileScan {
+        frames: &frames,
+        layout: &layout,
+        summary: &mut summary,
+        deadline,
+    };
+    'roots: for (root, mount) in roots {
+        let mut stack: Vec<ReadDir> = Vec::new();
+        match fs::read_dir(&root) {
+            Ok(dir) => stack.push(dir),
+            Err(_) => bump(&mut ctx.summary.files_skipped, "unreadable directory", 1),
+        }
+        while let Some(dir) = stack.last_mut() {
+            if ctx.out_of_time() {
+                break 'roots;
+            }
+            let Some(entry) = dir.next() else {
+                stack.pop();
+                continue;
+            };
+            let Ok(entry) = entry else {
+                bump(&mut ctx.summary.files_skipped, "unreadable directory", 1);
+                continue;
+            };
+            let Ok(kind) = entry.file_type() else {
+                bump(&mut ctx.summary.files_skipped, "vanished", 1);
+                continue;
+            };
+            let path = entry.path();
+            if kind.is_dir() {
+                match fs::symlink_metadata(&path) {
+                    Ok(meta) if split_dev(meta.dev()) != mount.dev => {
+                        bump(&mut ctx.summary.files_skipped, "other filesystem", 1)
+                    }
+                    Ok(_) => match fs::read_dir(&path) {
+                        Ok(sub) => stack.push(sub),
+                        Err(_) => bump(&mut ctx.summary.files_skipped, "unreadable directory", 1),
+                    },
+                    Err(_) => bump(&mut ctx.summary.files_skipped, "vanished", 1),
+                }
+            } else if kind.is_file() {
+                ctx.file(&path, mount, &mut coalescer)?;
+            } else {
+                let reason = if kind.is_symlink() {
+                    "symlink"
+                } else if kind.is_fifo() {
+                    "fifo"
+                } else if kind.is_socket() {
+                    "socket"
+                } else {
+                    "device node"
+                };
+                bump(&mut ctx.summary.files_skipped, reason, 1);
+            }
+        }
+    }
+    summary.pages_reported = coalescer.finish().map_err(ScanError::Sink)?;
+    summary.elapsed_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+    Ok(summary)
+}
+
+/// The state one file's scan needs.
+struct FileScan<'a> {
+    frames: &'a FrameReader,
+    layout: &'a Layout,
+    summary: &'a mut Summary,
+    deadline: Option<Instant>,
+}
+
+/// A read-only shared mapping, unmapped when dropped.
+struct Mapping {
+    addr: *mut libc::c_void,
+    len: usize,
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: addr/len describe a mapping this struct created and nothing else uses.
+        unsafe { libc::munmap(self.addr, self.len) };
+    }
+}
+
+impl FileScan<'_> {
+    fn out_of_time(&mut self) -> bool {
+        let out = self.deadline.is_some_and(|d| Instant::now() >= d);
+        if out {
+            self.summary.budget_exhausted = true;
+        }
+        out
+    }
+
+    fn skip(&mut self, reason: &str) {
+        bump(&mut self.summary.files_skipped, reason, 1);
+    }
+
+    fn exclude(&mut self, reason: &str, pages: u64) {
+        bump(&mut self.summary.pages_excluded, reason, pages);
+    }
+
+    /// Scans one regular file; problems with the file are counted, never returned.
+    fn file<E, F: FnMut(Vec<CacheExtent>) -> Result<(), E>>(
+        &mut self,
+        path: &Path,
+        mount: &Mount,
+        out: &mut Coalescer<F>,
+    ) -> Result<(), ScanError<E>> {
+        let file = match open_read_only(path) {
+            Ok(file) => file,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                self.skip("vanished");
+                return Ok(());
+            }
+            Err(_) => {
+                self.skip("unreadable");
+                return Ok(());
+            }
+        };
+        let Ok(meta) = file.metadata() else {
+            self.skip("unreadable");
+            return Ok(());
+        };
+        if !meta.is_file() {
+            self.skip("not a regular file any more");
+            return Ok(());
+        }
+        if split_dev(meta.dev()) != mount.dev {
+            self.skip("other filesystem");
+            return Ok(());
+        }
+        self.summary.files_visited += 1;
+        let size = meta.size();
+        let full_pages = (size / PAGE_SIZE) as usize;
+        let all_pages = size.div_ceil(PAGE_SIZE) as usize;
+        if all_pages == 0 {
+            return Ok(());
+        }
+        let len = all_pages * PAGE_SIZE as usize;
+        // SAFETY: a fresh read-only shared mapping of an open file; the kernel picks the
+        // address, and the result is checked before use.
+        let addr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                std::os::fd::AsRawFd::as_raw_fd(&file),
+                0,
+            )
+        };
+        if addr == libc::MAP_FAILED {
+            self.skip("cannot map");
+            return Ok(());
+        }
+        let mapping = Mapping { addr, len };
+        let mut extents = ExtentMap::new(file.as_fd());
+        let disk = mount.disk as u32;
+
+        let mut first = 0;
+        while first < all_pages {
+            if self.out_of_time() {
+                break;
+            }
+            let count = CHUNK_PAGES.min(all_pages - first);
+            let base = mapping.addr as usize + first * PAGE_SIZE as usize;
+            let mut resident = vec![0u8; count];
+            // SAFETY: [base, base + count pages) lies inside the mapping, and `resident` has
+            // one byte per page of it.
+            let rc = unsafe {
+                libc::mincore(
+                    base as *mut libc::c_void,
+                    count * PAGE_SIZE as usize,
+                    resident.as_mut_ptr(),
+                )
+            };
+            if rc != 0 {
+                self.skip("changed during scan");
+                return Ok(());
+            }
+            // The partial last page is never reported: past EOF the page holds zeros, the
+            // disk block whatever it held.
+            let whole = count.min(full_pages.saturating_sub(first));
+            let tail_resident = resident[whole..].iter().filter(|r| **r & 1 != 0).count() as u64;
+            if tail_resident > 0 {
+                self.summary.pages_resident += tail_resident;
+                self.exclude("partial last page", tail_resident);
+            }
+            let resident = &resident[..whole];
+            let resident_count = resident.iter().filter(|r| **r & 1 != 0).count() as u64;
+            if resident_count == 0 {
+                first += count;
+                continue;
+            }
+            self.summary.pages_resident += resident_count;
+
+            // Map the resident runs into our page tables so pagemap shows their frames.
+            let faults_before = frames::major_faults();
+            let mut i = 0;
+            while i < whole {
+                if resident[i] & 1 == 0 {
+                    i += 1;
+                    continue;
+                }
+                let start = i;
+                while i < whole && resident[i] & 1 != 0 {
+                    i += 1;
+                }
+                let run_addr = base + start * PAGE_SIZE as usize;
+                // SAFETY: the range lies inside our mapping; MADV_POPULATE_READ only faults
+                // pages in (and fails with EFAULT where a page would raise SIGBUS).
+                let rc = unsafe {
+                    libc::madvise(
+                        run_addr as *mut libc::c_void,
+                        (i - start) * PAGE_SIZE as usize,
+                        MADV_POPULATE_READ,
+                    )
+                };
+                if rc != 0 {
+                    let err = std::io::Error::last_os_error();
+                    if err.raw_os_error() == Some(libc::EINVAL) {
+                        return Err(ScanError::Unsupported);
+                    }
+                    self.skip("changed during scan");
+                    return Ok(());
+                }
+            }
+            self.summary.pages_refaulted += frames::major_faults().saturating_sub(faults_before);
+
+            let pfns = self.frames.frames(base, whole)?;
+            let present: Vec<u64> = pfns
+                .iter()
+                .zip(resident)
+                .filter(|(_, r)| **r & 1 != 0)
+                .filter_map(|(p, _)| *p)
+                .collect();
+            let mut flags = self.frames.flags(&present)?.into_iter();
+            for (index, (pfn, r)) in pfns.iter().zip(resident).enumerate() {
+                if *r & 1 == 0 {
+                    continue;
+                }
+                let Some(pfn) = *pfn else {
+                    self.exclude("evicted during scan", 1);
+                    continue;
+                };
+                let page_flags = flags.next().unwrap_or(frames::flags::NOPAGE);
+                if let Some(reason) = frames::unclean_reason(page_flags) {
+                    self.exclude(reason, 1);
+                    continue;
+                }
+                let offset = (first + index) as u64 * PAGE_SIZE;
+                match extents.place(offset, PAGE_SIZE) {
+                    Ok(Placement::Device(device)) => {
+                        let Some(on_disk) = mount.start_bytes.checked_add(device) else {
+                            self.exclude("offset out of range", 1);
+                            continue;
+                        };
+                        let inside = self
+                            .layout
+                            .disks
+                            .get(mount.disk)
+                            .is_some_and(|d| on_disk.saturating_add(PAGE_SIZE) <= d.size_bytes);
+                        if !inside {
+                            self.exclude("offset out of range", 1);
+                            continue;
+                        }
+                        out.push(pfn, disk, on_disk).map_err(ScanError::Sink)?;
+                    }
+                    Ok(Placement::Refused(reason)) => self.exclude(reason, 1),
+                    Err(_) => {
+                        self.exclude("no extent map (FIEMAP failed)", 1);
+                    }
+                }
+            }
+            first += count;
+        }
+        Ok(())
+    }
+}
+
+/// Opens a file for reading without following a symlink, blocking on a FIFO, or changing its
+/// access time where the kernel allows that.
+fn open_read_only(path: &Path) -> std::io::Result<File> {
+    let flags = libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC;
+    match OpenOptions::new()
+        .read(true)
+        .custom_flags(flags | libc::O_NOATIME)
+        .open(path)
+    {
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
+            OpenOptions::new().read(true).custom_flags(flags).open(path)
+        }
+        other => other,
+    }
+}

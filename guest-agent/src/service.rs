@@ -1,0 +1,186 @@
+//! The `ditto.agent.v1.Agent` gRPC service: `Info`, `Scan` (a server stream: the disk table,
+//! extent batches, then the summary) and `Exec`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ditto_proto::agent::v1 as pb;
+use tokio::sync::{Semaphore, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use crate::exec::{self, ExecError, ExecRequest};
+use crate::frames::{FrameReader, PAGE_SIZE};
+use crate::scan::{self, ScanError, ScanEvent, ScanOptions, Summary};
+
+pub use pb::agent_server::AgentServer;
+
+/// The service's settings.
+#[derive(Clone, Debug)]
+pub struct AgentService {
+    exec_enabled: bool,
+    include_loop_devices: bool,
+    scans: Arc<Semaphore>,
+}
+
+impl AgentService {
+    /// A service; `exec_enabled` false refuses `Exec`.
+    pub fn new(exec_enabled: bool, include_loop_devices: bool) -> Self {
+        Self {
+            exec_enabled,
+            include_loop_devices,
+            scans: Arc::new(Semaphore::new(1)),
+        }
+    }
+}
+
+/// The running kernel's release.
+pub fn kernel_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default()
+}
+
+fn disk_table(disks: Vec<crate::disks::Disk>) -> pb::ScanChunk {
+    pb::ScanChunk {
+        body: Some(pb::scan_chunk::Body::Disks(pb::DiskTable {
+            disks: disks
+                .into_iter()
+                .map(|d| pb::Disk {
+                    id: d.id,
+                    dev: format!("{}:{}", d.dev.0, d.dev.1),
+                    path: d.path.display().to_string(),
+                    size_bytes: d.size_bytes,
+                })
+                .collect(),
+        })),
+    }
+}
+
+fn summary_chunk(s: Summary) -> pb::ScanChunk {
+    pb::ScanChunk {
+        body: Some(pb::scan_chunk::Body::Summary(pb::ScanSummary {
+            files_visited: s.files_visited,
+            files_skipped: s.files_skipped.into_iter().collect(),
+            filesystems_skipped: s.filesystems_skipped.into_iter().collect(),
+            pages_resident: s.pages_resident,
+            pages_reported: s.pages_reported,
+            pages_excluded: s.pages_excluded.into_iter().collect(),
+            elapsed_us: s.elapsed_us,
+            budget_exhausted: s.budget_exhausted,
+            pages_refaulted: s.pages_refaulted,
+        })),
+    }
+}
+
+fn event_chunk(event: ScanEvent) -> pb::ScanChunk {
+    match event {
+        ScanEvent::Disks(disks) => disk_table(disks),
+        ScanEvent::Extents(batch) => pb::ScanChunk {
+            body: Some(pb::scan_chunk::Body::Extents(pb::ExtentBatch {
+                extents: batch
+                    .into_iter()
+                    .map(|e| pb::CacheExtent {
+                        pfn: e.pfn,
+                        pages: e.pages,
+                        disk: e.disk,
+                        offset: e.offset,
+                    })
+                    .collect(),
+            })),
+        },
+    }
+}
+
+#[tonic::async_trait]
+impl pb::agent_server::Agent for AgentService {
+    async fn info(
+        &self,
+        _request: Request<pb::InfoRequest>,
+    ) -> Result<Response<pb::InfoResponse>, Status> {
+        let mut capabilities = Vec::new();
+        if FrameReader::open().is_ok() {
+            capabilities.push("kpageflags".to_owned());
+            capabilities.push("pagemap-pfn".to_owned());
+        }
+        if self.exec_enabled {
+            capabilities.push("exec".to_owned());
+        }
+        Ok(Response::new(pb::InfoResponse {
+            agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+            kernel_release: kernel_release(),
+            page_size: PAGE_SIZE as u32,
+            capabilities,
+        }))
+    }
+
+    type ScanStream = ReceiverStream<Result<pb::ScanChunk, Status>>;
+
+    async fn scan(
+        &self,
+        request: Request<pb::ScanRequest>,
+    ) -> Result<Response<Self::ScanStream>, Status> {
+        let permit = self
+            .scans
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| Status::resource_exhausted("a scan is already running"))?;
+        let request = request.into_inner();
+        let options = ScanOptions {
+            paths: request.paths.iter().map(Into::into).collect(),
+            time_budget: (request.time_budget_ms > 0)
+                .then(|| Duration::from_millis(request.time_budget_ms.into())),
+            include_loop_devices: self.include_loop_devices,
+        };
+        let (tx, rx) = mpsc::channel(4);
+        tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            let result = scan::scan(&options, |event| {
+                tx.blocking_send(Ok(event_chunk(event))).map_err(|_| ())
+            });
+            let last = match result {
+                Ok(summary) => Ok(summary_chunk(summary)),
+                Err(ScanError::Sink(())) => return, // the client went away
+                Err(e @ (ScanError::Frames(_) | ScanError::Unsupported)) => {
+                    Err(Status::failed_precondition(e.to_string()))
+                }
+                Err(e @ ScanError::Path { .. }) => Err(Status::invalid_argument(e.to_string())),
+                Err(e) => Err(Status::internal(e.to_string())),
+            };
+            let _ = tx.blocking_send(last);
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn exec(
+        &self,
+        request: Request<pb::ExecRequest>,
+    ) -> Result<Response<pb::ExecResponse>, Status> {
+        if !self.exec_enabled {
+            return Err(Status::permission_denied(
+                "exec is disabled: the agent was started with --no-exec",
+            ));
+        }
+        let r = request.into_inner();
+        let outcome = exec::run(ExecRequest {
+            program: r.program,
+            args: r.args,
+            env: r.env,
+            stdin: r.stdin,
+            timeout: (r.timeout_ms > 0).then(|| Duration::from_millis(r.timeout_ms.into())),
+        })
+        .await
+        .map_err(|e| match e {
+            ExecError::NoProgram => Status::invalid_argument(e.to_string()),
+            ExecError::Spawn { .. } => Status::failed_precondition(e.to_string()),
+            ExecError::Wait { .. } => Status::internal(e.to_string()),
+        })?;
+        Ok(Response::new(pb::ExecResponse {
+            exit_code: outcome.exit_code,
+            signal: outcome.signal,
+            stdout: outcome.stdout,
+            stderr: outcome.stderr,
+            timed_out: outcome.timed_out,
+        }))
+    }
+}
