@@ -13,7 +13,8 @@ pub enum FiemapError {
     Ioctl(std::io::Error),
 }
 
-const FS_IOC_FIEMAP: libc::c_ulong = 0xC020_660B;
+// The request type differs between libcs (unsigned long for glibc, int for musl).
+const FS_IOC_FIEMAP: libc::Ioctl = 0xC020_660B_u32 as libc::Ioctl;
 const BATCH: usize = 64;
 
 const FLAG_LAST: u32 = 0x1;

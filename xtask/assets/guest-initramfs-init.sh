@@ -16,6 +16,7 @@ done
 root=/dev/vda fstype=ext4 flags= mode=rw init=/sbin/init delay=10
 for arg in $(cat /proc/cmdline); do
 	case "$arg" in
+	--) break ;; # what follows belongs to init
 	root=*) root="${arg#root=}" ;;
 	rootfstype=*) fstype="${arg#rootfstype=}" ;;
 	rootflags=*) flags="${arg#rootflags=}" ;;
