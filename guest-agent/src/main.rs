@@ -53,8 +53,18 @@ enum Command {
     Info,
 }
 
+/// Lets a closed stdout (`ditto-agent scan --json | head`) end the process quietly, as it does
+/// other command-line tools, instead of failing a print.
+fn default_sigpipe() {
+    // SAFETY: restoring the default disposition of SIGPIPE at start-up, before any thread runs.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Serve { .. }) {
+        default_sigpipe();
+    }
     match cli.command {
         Command::Serve {
             listen,
