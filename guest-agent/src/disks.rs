@@ -78,15 +78,16 @@ pub fn discover(include_loop: bool) -> Result<Layout, DiskError> {
         .map_err(|e| DiskError::MountInfo(e.to_string()))?;
     let mut layout = Layout::default();
     for info in infos {
-        let options: Vec<&str> = info
+        // dax, dax=always and dax=inode (which lets single files bypass the page cache) make the
+        // whole mount ineligible; dax=never does not.
+        let dax = info
             .super_options
-            .keys()
-            .chain(info.mount_options.keys())
-            .map(String::as_str)
-            .collect();
+            .iter()
+            .chain(info.mount_options.iter())
+            .any(|(key, value)| key == "dax" && value.as_deref() != Some("never"));
         let verdict = match parse_majmin(&info.majmin) {
             None | Some((0, _)) => Err("not on a block device"),
-            Some(_) if options.iter().any(|o| o.starts_with("dax")) => Err("dax"),
+            Some(_) if dax => Err("dax"),
             Some(dev) => classify(dev, include_loop).map(|block| (dev, block)),
         };
         let (dev, block) = match verdict {
