@@ -82,10 +82,13 @@ fn dirty_pages_are_excluded_until_fsync() {
     );
 
     file.sync_all().unwrap();
+    common::drain_lru_batches();
     let report = scan_paths(&[&fs.mnt]);
     assert_eq!(
         verify_file(&report, &fs, &path),
-        (0..16).collect::<Vec<_>>()
+        (0..16).collect::<Vec<_>>(),
+        "{:?}",
+        report.summary
     );
 }
 
@@ -134,7 +137,12 @@ fn unwritten_extents_and_holes_are_not_reported() {
         verify_file(&report, &fs, &falloc).is_empty(),
         "unwritten extents reported"
     );
-    assert_eq!(verify_file(&report, &fs, &sparse), vec![0, 10]);
+    assert_eq!(
+        verify_file(&report, &fs, &sparse),
+        vec![0, 10],
+        "{:?}",
+        report.summary
+    );
     let excluded = &report.summary.pages_excluded;
     assert!(
         excluded.get("unwritten extent").copied().unwrap_or(0) >= 64,

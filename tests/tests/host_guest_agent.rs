@@ -43,7 +43,11 @@ fn partitioned_disk_extents_are_whole_disk_offsets_of_the_cached_pages() {
         "init=/bin/sh quiet loglevel=1 -- -c \"",
         "mount -t proc proc /proc; mount -t sysfs sysfs /sys; mount -t devtmpfs dev /dev; ",
         "mkdir -p /tmp/data; mount -o ro /dev/vdb1 /tmp/data; ",
-        "cat /tmp/data/* >/dev/null; echo DITTO-JSON-BEGIN; ",
+        "cat /tmp/data/* >/dev/null; ",
+        // Fresh pages reach the LRU lists (and the report) only when the CPU's batch of new
+        // pages fills up: 2 MiB of tmpfs pages flush it.
+        "mkdir -p /tmp/fill; mount -t tmpfs fill /tmp/fill; ",
+        "head -c 2097152 /dev/zero >/tmp/fill/x; echo DITTO-JSON-BEGIN; ",
         "/usr/sbin/ditto-agent scan --json --path /tmp/data; echo DITTO-JSON-END; poweroff -f\""
     );
     let console = boot_until(

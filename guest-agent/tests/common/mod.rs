@@ -134,6 +134,60 @@ pub fn recache(path: &Path) {
         }
         offset += n as u64;
     }
+    drain_lru_batches();
+}
+
+/// Moves pages that sit in the per-CPU batches of newly added pages onto the LRU lists. A page
+/// is flagged LRU only then, and the scanner rightly reports only LRU pages; a batch holds a few
+/// dozen pages and is moved when it fills up. So on each CPU in turn, this thread adds 64 fresh
+/// anonymous pages, which fills and moves that CPU's batch.
+pub fn drain_lru_batches() {
+    const FILLER_PAGES: usize = 64;
+    // SAFETY: an all-zero cpu_set_t is a valid, empty set.
+    let mut original: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    let size = std::mem::size_of::<libc::cpu_set_t>();
+    // SAFETY: `original` is a valid cpu_set_t of `size` bytes.
+    let rc = unsafe { libc::sched_getaffinity(0, size, &mut original) };
+    assert_eq!(rc, 0);
+    for cpu in 0..libc::CPU_SETSIZE as usize {
+        // SAFETY: `original` is initialised; CPU_ISSET only reads it.
+        if !unsafe { libc::CPU_ISSET(cpu, &original) } {
+            continue;
+        }
+        // SAFETY: an all-zero cpu_set_t is a valid, empty set; CPU_SET writes within it.
+        let mut one: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+        // SAFETY: `cpu` is below CPU_SETSIZE.
+        unsafe { libc::CPU_SET(cpu, &mut one) };
+        // SAFETY: `one` is a valid cpu_set_t of `size` bytes.
+        if unsafe { libc::sched_setaffinity(0, size, &one) } != 0 {
+            continue;
+        }
+        let len = FILLER_PAGES * PAGE_SIZE as usize;
+        // SAFETY: a fresh private anonymous mapping, checked before use.
+        let addr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(addr, libc::MAP_FAILED);
+        // SAFETY: the range is our mapping; small pages make one batch entry per page.
+        unsafe { libc::madvise(addr, len, libc::MADV_NOHUGEPAGE) };
+        for page in 0..FILLER_PAGES {
+            // SAFETY: inside our writable mapping.
+            unsafe {
+                std::ptr::write_volatile((addr as *mut u8).add(page * PAGE_SIZE as usize), 1)
+            };
+        }
+        // SAFETY: unmapping the mapping made above.
+        unsafe { libc::munmap(addr, len) };
+    }
+    // SAFETY: `original` is the valid set read above.
+    unsafe { libc::sched_setaffinity(0, size, &original) };
 }
 
 /// A whole scan's output.
