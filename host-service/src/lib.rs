@@ -4,5 +4,7 @@
 //! The VMM library is organised by concern:
 //!
 //! - [`kvm`]: KVM state — the VM and its memory slots, vCPUs, guest memory and dirty tracking.
+//! - [`devices`]: device models (virtio-blk) and the virtio-mmio transport.
 
+pub mod devices;
 pub mod kvm;

@@ -1,0 +1,4 @@
+//! Device models. Each device keeps its state in plain serialisable structs; the live parts
+//! (files, queues, interrupt event fds) are rebuilt from them.
+
+pub mod virtio;
