@@ -1,8 +1,10 @@
 //! virtio devices: the device-side contract ([`VirtioDevice`]), the virtio-mmio transport
-//! ([`mmio`]) and the devices ([`block`]).
+//! ([`mmio`]) and the devices ([`block`]; [`vsock`] so far its packet format, connection state
+//! machine and hybrid handshake).
 
 pub mod block;
 pub mod mmio;
+pub mod vsock;
 
 use virtio_queue::Queue;
 
