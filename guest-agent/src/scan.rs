@@ -59,7 +59,9 @@ pub struct Summary {
     pub pages_reported: u64,
     /// Resident pages not reported, by reason.
     pub pages_excluded: BTreeMap<String, u64>,
-    /// Pages that were read back from disk while being mapped (evicted after `mincore`).
+    /// Major faults taken while mapping resident pages: pages evicted after `mincore` and read
+    /// back from the disk. The runs of pages that took one are excluded ("read back during
+    /// scan").
     pub pages_refaulted: u64,
     /// Wall time of the scan in microseconds.
     pub elapsed_us: u64,
@@ -326,8 +328,10 @@ impl FileScan<'_> {
             }
             self.summary.pages_resident += resident_count;
 
-            // Map the resident runs into our page tables so pagemap shows their frames.
-            let faults_before = frames::major_faults();
+            // Map the resident runs into our page tables so pagemap shows their frames. A run
+            // during whose mapping the thread took a major fault had a page evicted after
+            // `mincore` and read back from the disk: it is counted, and none of it is reported.
+            let mut read_back = vec![false; whole];
             let mut i = 0;
             while i < whole {
                 if resident[i] & 1 == 0 {
@@ -339,6 +343,7 @@ impl FileScan<'_> {
                     i += 1;
                 }
                 let run_addr = base + start * PAGE_SIZE as usize;
+                let faults_before = frames::major_faults();
                 // SAFETY: the range lies inside our mapping; MADV_POPULATE_READ only faults
                 // pages in (and fails with EFAULT where a page would raise SIGBUS).
                 let rc = unsafe {
@@ -356,8 +361,12 @@ impl FileScan<'_> {
                     self.skip("changed during scan");
                     return Ok(());
                 }
+                let faults = frames::major_faults().saturating_sub(faults_before);
+                if faults > 0 {
+                    self.summary.pages_refaulted += faults;
+                    read_back[start..i].iter_mut().for_each(|r| *r = true);
+                }
             }
-            self.summary.pages_refaulted += frames::major_faults().saturating_sub(faults_before);
 
             let pfns = self.frames.frames(base, whole)?;
             let present: Vec<u64> = pfns
@@ -367,8 +376,13 @@ impl FileScan<'_> {
                 .filter_map(|(p, _)| *p)
                 .collect();
             let mut flags = self.frames.flags(&present)?.into_iter();
+            let mut found: Vec<(u64, u64)> = Vec::new();
             for (index, (pfn, r)) in pfns.iter().zip(resident).enumerate() {
                 if *r & 1 == 0 {
+                    continue;
+                }
+                if read_back[index] {
+                    self.exclude("read back during scan", 1);
                     continue;
                 }
                 let Some(pfn) = *pfn else {
@@ -396,13 +410,24 @@ impl FileScan<'_> {
                             self.exclude("offset out of range", 1);
                             continue;
                         }
-                        out.push(pfn, disk, on_disk).map_err(ScanError::Sink)?;
+                        found.push((pfn, on_disk));
                     }
                     Ok(Placement::Refused(reason)) => self.exclude(reason, 1),
                     Err(_) => {
                         self.exclude("no extent map (FIEMAP failed)", 1);
                     }
                 }
+            }
+            // A file that shrank or grew while this chunk was examined may have had its last
+            // page or its extents change under us: report nothing more of it.
+            let same_size = file.metadata().is_ok_and(|now| now.size() == size);
+            if !same_size {
+                self.exclude("file changed during scan", found.len() as u64);
+                self.skip("changed during scan");
+                return Ok(());
+            }
+            for (pfn, on_disk) in found {
+                out.push(pfn, disk, on_disk).map_err(ScanError::Sink)?;
             }
             first += count;
         }

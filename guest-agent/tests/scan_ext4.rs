@@ -236,3 +236,49 @@ fn files_unlinked_during_the_scan_are_skipped_cleanly() {
         report.summary.files_visited, report.summary.pages_reported
     );
 }
+
+#[test]
+fn files_that_shrink_or_grow_during_the_scan_are_never_fatal() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+    let fs = LoopFs::new(64, 4096);
+    let count = 300u32;
+    let paths: Vec<_> = (0..count)
+        .map(|i| fs.mnt.join(format!("churn-{i}")))
+        .collect();
+    for (i, path) in paths.iter().enumerate() {
+        write_tagged(path, 500 + i as u32, 8 * PAGE_SIZE, true);
+        recache(path);
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let rounds = Arc::new(AtomicU64::new(0));
+    let churner = {
+        let (stop, rounds, paths) = (stop.clone(), rounds.clone(), paths.clone());
+        std::thread::spawn(move || {
+            // Page-aligned sizes: pages 0..3 keep their bytes, pages 3..8 come and go as holes.
+            while !stop.load(Ordering::Relaxed) {
+                for path in &paths {
+                    let file = fs::OpenOptions::new().write(true).open(path).unwrap();
+                    file.set_len(3 * PAGE_SIZE).unwrap();
+                    file.set_len(8 * PAGE_SIZE).unwrap();
+                }
+                rounds.fetch_add(1, Ordering::Relaxed);
+            }
+        })
+    };
+    while rounds.load(Ordering::Relaxed) == 0 {
+        std::thread::yield_now();
+    }
+    let report = scan_paths(&[&fs.mnt]);
+    stop.store(true, Ordering::Relaxed);
+    churner.join().unwrap();
+    Command::new("sync").status().unwrap();
+    assert_eq!(report.summary.files_visited, u64::from(count));
+    // Whatever was reported of a page still in the file is where its bytes are.
+    for path in &paths {
+        let verified = verify_file(&report, &fs, path);
+        assert!(verified.iter().all(|p| *p < 3), "{verified:?}");
+    }
+    println!("{:?}", report.summary);
+}
