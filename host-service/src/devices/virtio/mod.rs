@@ -6,6 +6,9 @@ pub mod block;
 pub mod mmio;
 pub mod vsock;
 
+#[cfg(test)]
+mod driver_tests;
+
 use virtio_queue::Queue;
 
 use crate::kvm::memory::GuestMemory;
