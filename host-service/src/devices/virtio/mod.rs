@@ -37,3 +37,15 @@ pub trait VirtioDevice {
     /// Returns the device to its initial state (the driver wrote 0 to the status register).
     fn reset(&mut self);
 }
+
+/// Copies the bytes of configuration space `space` at `offset` into `data`; bytes past its end
+/// read as zero.
+pub fn read_config_space(space: &[u8], offset: u64, data: &mut [u8]) {
+    data.fill(0);
+    if let Ok(offset) = usize::try_from(offset)
+        && offset < space.len()
+    {
+        let n = data.len().min(space.len() - offset);
+        data[..n].copy_from_slice(&space[offset..offset + n]);
+    }
+}

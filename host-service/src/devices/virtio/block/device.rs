@@ -19,7 +19,7 @@ use vm_memory::{Bytes, GuestAddress};
 
 use super::request::{self, MAX_DESCRIPTORS, ParseError, Request, RequestType};
 use super::{ID_BYTES, QUEUE_SIZE, SECTOR_SIZE};
-use crate::devices::virtio::{VIRTIO_F_VERSION_1, VirtioDevice};
+use crate::devices::virtio::{VIRTIO_F_VERSION_1, VirtioDevice, read_config_space};
 use crate::kvm::memory::GuestMemory;
 
 /// The virtio device id of a block device.
@@ -343,14 +343,7 @@ impl VirtioDevice for Block {
         // The header and the status byte take two descriptors.
         let seg_max = (MAX_DESCRIPTORS.min(usize::from(QUEUE_SIZE)) - 2) as u32;
         space[12..16].copy_from_slice(&seg_max.to_le_bytes());
-        data.fill(0);
-        let Ok(offset) = usize::try_from(offset) else {
-            return;
-        };
-        if offset < space.len() {
-            let n = data.len().min(space.len() - offset);
-            data[..n].copy_from_slice(&space[offset..offset + n]);
-        }
+        read_config_space(&space, offset, data);
     }
 
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {}

@@ -144,6 +144,11 @@ impl Muxer {
         }
     }
 
+    /// The guest's context id.
+    pub fn guest_cid(&self) -> u64 {
+        self.config.guest_cid
+    }
+
     /// Accepts guest connections to host port `port` from now on.
     pub fn listen(&mut self, port: u32) {
         self.listeners.insert(port);
@@ -252,6 +257,11 @@ impl Muxer {
                 Ok(MuxEvent::None)
             }
         }
+    }
+
+    /// Whether [`next_packet`](Muxer::next_packet) has something to send.
+    pub fn has_packet(&self) -> bool {
+        !self.resets.is_empty() || self.conns.values().any(Connection::has_packet)
     }
 
     /// The next packet for the guest's receive queue, with at most `max_payload` data bytes:
