@@ -86,7 +86,7 @@ pub fn discover(include_loop: bool) -> Result<Layout, DiskError> {
             .chain(info.mount_options.iter())
             .any(|(key, value)| key == "dax" && value.as_deref() != Some("never"));
         let verdict = match parse_majmin(&info.majmin) {
-            None | Some((0, _)) => Err("not on a block device"),
+            None | Some((0, _)) => Err(blockless_reason(&info.fs_type)),
             Some(_) if dax => Err("dax"),
             Some(dev) => classify(dev, include_loop).map(|block| (dev, block)),
         };
@@ -117,6 +117,17 @@ pub fn discover(include_loop: bool) -> Result<Layout, DiskError> {
         });
     }
     Ok(layout)
+}
+
+/// Why a filesystem that is not on a block device is skipped, by its type.
+fn blockless_reason(fs_type: &str) -> &'static str {
+    let base = fs_type.split('.').next().unwrap_or(fs_type);
+    match base {
+        "nfs" | "nfs4" | "cifs" | "smb3" | "9p" | "virtiofs" | "ceph" | "glusterfs" | "fuse"
+        | "sshfs" => "network or shared filesystem",
+        "tmpfs" | "ramfs" | "devtmpfs" | "hugetlbfs" | "ramdisk" => "in-memory filesystem",
+        _ => "not on a block device",
+    }
 }
 
 fn parse_majmin(s: &str) -> Option<(u32, u32)> {
@@ -205,6 +216,18 @@ mod tests {
         assert_eq!(parse_majmin("0:52"), Some((0, 52)));
         assert_eq!(parse_majmin("259"), None);
         assert_eq!(parse_majmin("a:b"), None);
+    }
+
+    #[test]
+    fn blockless_filesystems_are_skipped_by_kind() {
+        assert_eq!(blockless_reason("nfs4"), "network or shared filesystem");
+        assert_eq!(
+            blockless_reason("fuse.sshfs"),
+            "network or shared filesystem"
+        );
+        assert_eq!(blockless_reason("virtiofs"), "network or shared filesystem");
+        assert_eq!(blockless_reason("tmpfs"), "in-memory filesystem");
+        assert_eq!(blockless_reason("proc"), "not on a block device");
     }
 
     #[test]
