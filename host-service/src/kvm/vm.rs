@@ -16,7 +16,7 @@ use vm_memory::{GuestMemoryBackend as _, GuestMemoryRegion as _};
 use super::PAGE_SIZE;
 use super::dirty::{DirtyBitmap, RegionDirty};
 use super::memory::{GuestMemory, MemoryError, MemoryLayout};
-use super::vcpu::{Vcpu, VcpuError};
+use super::vcpu::{SAVED_MSRS, Vcpu, VcpuError};
 
 /// What can go wrong with the VM.
 #[derive(Debug, thiserror::Error)]
@@ -64,6 +64,8 @@ pub struct VmState {
     pub memory: MemoryLayout,
     /// Whether KVM dirty logging is on for every slot.
     pub dirty_logging: bool,
+    /// Whether the VM has the in-kernel irqchip and PIT.
+    pub irqchip: bool,
 }
 
 /// A KVM VM with its guest memory registered as memory slots.
@@ -73,6 +75,8 @@ pub struct Vm {
     kvm: Kvm,
     memory: GuestMemory,
     dirty_logging: bool,
+    irqchip: bool,
+    msr_indices: Vec<u32>,
 }
 
 impl std::fmt::Debug for Vm {
@@ -95,11 +99,19 @@ impl Vm {
     pub fn with_memory(memory: GuestMemory) -> Result<Self, VmError> {
         let kvm_fd = kvm("open /dev/kvm", Kvm::new())?;
         let fd = kvm("KVM_CREATE_VM", kvm_fd.create_vm())?;
+        let supported = kvm("KVM_GET_MSR_INDEX_LIST", kvm_fd.get_msr_index_list())?;
+        let msr_indices = SAVED_MSRS
+            .iter()
+            .copied()
+            .filter(|i| supported.as_slice().contains(i))
+            .collect();
         let vm = Self {
             fd,
             kvm: kvm_fd,
             memory,
             dirty_logging: false,
+            irqchip: false,
+            msr_indices,
         };
         vm.set_slots(false)?;
         Ok(vm)
@@ -190,9 +202,32 @@ impl Vm {
         Ok(out)
     }
 
+    /// Creates the in-kernel interrupt controllers (PIC, IOAPIC, a LAPIC per vCPU) and PIT.
+    /// Must come before the first vCPU.
+    pub fn create_irqchip(&mut self) -> Result<(), VmError> {
+        kvm("KVM_CREATE_IRQCHIP", self.fd.create_irq_chip())?;
+        let pit = kvm_bindings::kvm_pit_config {
+            flags: kvm_bindings::KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        kvm("KVM_CREATE_PIT2", self.fd.create_pit2(pit))?;
+        self.irqchip = true;
+        Ok(())
+    }
+
     /// Creates vCPU number `index`.
     pub fn create_vcpu(&self, index: u8) -> Result<Vcpu, VmError> {
-        Ok(Vcpu::new(&self.fd, index)?)
+        Ok(Vcpu::new(
+            &self.fd,
+            index,
+            self.msr_indices.clone(),
+            self.irqchip,
+        )?)
+    }
+
+    /// The MSRs vCPU state includes: those of [`SAVED_MSRS`] this KVM supports.
+    pub fn saved_msr_indices(&self) -> &[u32] {
+        &self.msr_indices
     }
 
     /// The guest memory (a cheap handle sharing the mappings and the dirty bitmap).
@@ -215,6 +250,7 @@ impl Vm {
         VmState {
             memory: MemoryLayout::of(&self.memory),
             dirty_logging: self.dirty_logging,
+            irqchip: self.irqchip,
         }
     }
 }
