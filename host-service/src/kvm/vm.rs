@@ -7,7 +7,10 @@
 //! guest CPUs wrote) and the VMM's bitmap (pages devices wrote through [`GuestMemory`]) and
 //! clears both.
 
-use kvm_bindings::{KVM_MEM_LOG_DIRTY_PAGES, kvm_userspace_memory_region};
+use kvm_bindings::{
+    KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_MEM_LOG_DIRTY_PAGES,
+    kvm_clock_data, kvm_irqchip, kvm_pit_state2, kvm_userspace_memory_region,
+};
 use kvm_ioctls::{Kvm, VmFd};
 use serde::{Deserialize, Serialize};
 use vm_memory::bitmap::AtomicBitmap;
@@ -40,6 +43,9 @@ pub enum VmError {
         /// Why.
         reason: String,
     },
+    /// In-kernel device state was asked for on a VM without an irqchip.
+    #[error("the VM has no in-kernel irqchip")]
+    NoIrqchip,
     /// Dirty pages were asked for while dirty logging is off.
     #[error("dirty logging is not enabled")]
     DirtyLoggingOff,
@@ -66,6 +72,21 @@ pub struct VmState {
     pub dirty_logging: bool,
     /// Whether the VM has the in-kernel irqchip and PIT.
     pub irqchip: bool,
+}
+
+/// The state of the VM's in-kernel devices: interrupt controllers, PIT and kvmclock.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct VmDevicesState {
+    /// The master 8259 PIC.
+    pub pic_master: kvm_irqchip,
+    /// The slave 8259 PIC.
+    pub pic_slave: kvm_irqchip,
+    /// The IOAPIC.
+    pub ioapic: kvm_irqchip,
+    /// The 8254 PIT.
+    pub pit: kvm_pit_state2,
+    /// The kvmclock (guest nanoseconds).
+    pub clock: kvm_clock_data,
 }
 
 /// A KVM VM with its guest memory registered as memory slots.
@@ -213,6 +234,47 @@ impl Vm {
         kvm("KVM_CREATE_PIT2", self.fd.create_pit2(pit))?;
         self.irqchip = true;
         Ok(())
+    }
+
+    /// Captures the in-kernel devices (needs [`Vm::create_irqchip`]). The vCPUs must be paused.
+    pub fn save_devices(&self) -> Result<VmDevicesState, VmError> {
+        if !self.irqchip {
+            return Err(VmError::NoIrqchip);
+        }
+        let chip = |chip_id| {
+            let mut c = kvm_irqchip {
+                chip_id,
+                ..Default::default()
+            };
+            kvm("KVM_GET_IRQCHIP", self.fd.get_irqchip(&mut c)).map(|()| c)
+        };
+        Ok(VmDevicesState {
+            pic_master: chip(KVM_IRQCHIP_PIC_MASTER)?,
+            pic_slave: chip(KVM_IRQCHIP_PIC_SLAVE)?,
+            ioapic: chip(KVM_IRQCHIP_IOAPIC)?,
+            pit: kvm("KVM_GET_PIT2", self.fd.get_pit2())?,
+            clock: kvm("KVM_GET_CLOCK", self.fd.get_clock())?,
+        })
+    }
+
+    /// Restores captured in-kernel device state into this VM (created with
+    /// [`Vm::create_irqchip`]), before its vCPUs run. The kvmclock continues from the captured
+    /// value.
+    pub fn restore_devices(&self, state: &VmDevicesState) -> Result<(), VmError> {
+        if !self.irqchip {
+            return Err(VmError::NoIrqchip);
+        }
+        for chip in [&state.pic_master, &state.pic_slave, &state.ioapic] {
+            kvm("KVM_SET_IRQCHIP", self.fd.set_irqchip(chip))?;
+        }
+        kvm("KVM_SET_PIT2", self.fd.set_pit2(&state.pit))?;
+        // Only the clock value is restored; the flags KVM reported (TSC stable, realtime, host
+        // TSC) describe the old host's clock and are not accepted back.
+        let clock = kvm_clock_data {
+            clock: state.clock.clock,
+            ..Default::default()
+        };
+        kvm("KVM_SET_CLOCK", self.fd.set_clock(&clock))
     }
 
     /// Creates vCPU number `index`.
@@ -375,5 +437,44 @@ mod tests {
                 .expect("rd"),
             0x5a
         );
+    }
+
+    #[test]
+    fn in_kernel_devices_round_trip_into_a_fresh_vm() {
+        let layout = MemoryLayout::single(16 * PAGE_SIZE);
+        let plain = Vm::new(&layout).expect("vm");
+        assert!(matches!(plain.save_devices(), Err(VmError::NoIrqchip)));
+
+        let mut vm = Vm::new(&layout).expect("vm");
+        vm.create_irqchip().expect("irqchip");
+        // Program IOAPIC redirection entry 5 so there is something non-default to carry.
+        let mut ioapic = kvm_irqchip {
+            chip_id: KVM_IRQCHIP_IOAPIC,
+            ..Default::default()
+        };
+        vm.fd().get_irqchip(&mut ioapic).expect("get ioapic");
+        // SAFETY: chip_id IOAPIC means the union holds `ioapic`.
+        unsafe { ioapic.chip.ioapic.redirtbl[5].bits = 0x0001_0000_0000_0035 };
+        vm.fd().set_irqchip(&ioapic).expect("set ioapic");
+        let saved = vm.save_devices().expect("save");
+        let json = serde_json::to_string(&saved).expect("serialise");
+        drop(vm);
+
+        let state: VmDevicesState = serde_json::from_str(&json).expect("deserialise");
+        let mut fresh = Vm::new(&layout).expect("fresh");
+        fresh.create_irqchip().expect("irqchip");
+        fresh.restore_devices(&state).expect("restore");
+        let again = fresh.save_devices().expect("save again");
+        // SAFETY: both are IOAPIC chips, as above.
+        let entry = unsafe { again.ioapic.chip.ioapic.redirtbl[5].bits };
+        assert_eq!(entry, 0x0001_0000_0000_0035);
+        assert!(
+            again.clock.clock >= state.clock.clock,
+            "kvmclock continues, never goes back"
+        );
+        let pics = |s: &VmDevicesState| {
+            serde_json::to_string(&(&s.pic_master, &s.pic_slave)).expect("json")
+        };
+        assert_eq!(pics(&again), pics(&state));
     }
 }
