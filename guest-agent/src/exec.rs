@@ -97,6 +97,8 @@ pub async fn run(request: ExecRequest) -> Result<ExecOutcome, ExecError> {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true)
+        // Its own process group, so that the time limit kills what it started too.
+        .process_group(0)
         .spawn()
         .map_err(|source| ExecError::Spawn {
             program: request.program.clone(),
@@ -116,6 +118,11 @@ pub async fn run(request: ExecRequest) -> Result<ExecOutcome, ExecError> {
     let (status, timed_out) = match tokio::time::timeout(timeout, child.wait()).await {
         Ok(status) => (status, false),
         Err(_) => {
+            if let Some(pid) = child.id().and_then(|pid| i32::try_from(pid).ok()) {
+                // SAFETY: kill has no memory-safety preconditions; the group is the child's own
+                // (process_group(0) above), and the child is not yet reaped, so its id is ours.
+                unsafe { libc::kill(-pid, libc::SIGKILL) };
+            }
             let _ = child.start_kill();
             (child.wait().await, true)
         }
@@ -179,6 +186,27 @@ mod tests {
         assert!(out.timed_out);
         assert_eq!(out.signal, libc::SIGKILL);
         assert!(started.elapsed() < Duration::from_secs(10));
+    }
+
+    #[tokio::test]
+    async fn the_time_limit_kills_what_the_program_started_too() {
+        let started = std::time::Instant::now();
+        let out = run(ExecRequest {
+            program: "sh".into(),
+            args: vec!["-c".into(), "sleep 30 & echo started; wait".into()],
+            timeout: Some(Duration::from_millis(300)),
+            ..ExecRequest::default()
+        })
+        .await
+        .unwrap();
+        assert!(out.timed_out);
+        assert_eq!(out.stdout, b"started\n");
+        // The background sleep held stdout open; killed with the group, it lets go at once.
+        assert!(
+            started.elapsed() < Duration::from_secs(4),
+            "{:?}",
+            started.elapsed()
+        );
     }
 
     #[tokio::test]
