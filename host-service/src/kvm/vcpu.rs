@@ -246,6 +246,11 @@ impl Vcpu {
         &self.fd
     }
 
+    /// The vCPU file descriptor, mutably (for the `kvm_run` page).
+    pub fn fd_mut(&mut self) -> &mut VcpuFd {
+        &mut self.fd
+    }
+
     /// Puts the vCPU in real mode with all segment bases 0 and `ip` as the entry point (for tiny
     /// test payloads; Linux boot sets up long mode instead).
     pub fn set_real_mode_entry(&mut self, ip: u16) -> Result<(), VcpuError> {
