@@ -52,6 +52,7 @@ fn bench(label: &str, path: &Path) {
             paths: vec![path.to_owned()],
             time_budget: None,
             include_loop_devices: true,
+            after_mincore: None,
         },
         |event| {
             if let ScanEvent::Extents(batch) = event {

@@ -81,6 +81,7 @@ fn main() -> anyhow::Result<()> {
                 paths,
                 time_budget: time_budget_ms.map(Duration::from_millis),
                 include_loop_devices,
+                after_mincore: None,
             },
             json,
         ),

@@ -33,6 +33,10 @@ pub struct ScanOptions {
     pub time_budget: Option<Duration>,
     /// Treat loop devices as disks (for machines that are not ditto guests, such as tests).
     pub include_loop_devices: bool,
+    /// Called with each file's path between `mincore` and the touch of its resident pages
+    /// (a seam for tests that evict pages in that window; `None` in the agent).
+    #[doc(hidden)]
+    pub after_mincore: Option<fn(&Path)>,
 }
 
 /// What a scan hands on, in order: the disk table once, then extents in batches.
@@ -139,6 +143,7 @@ pub fn scan<E>(
         layout: &layout,
         summary: &mut summary,
         deadline,
+        after_mincore: options.after_mincore,
     };
     'roots: for (root, mount) in roots {
         let mut stack: Vec<ReadDir> = Vec::new();
@@ -201,6 +206,7 @@ struct FileScan<'a> {
     layout: &'a Layout,
     summary: &'a mut Summary,
     deadline: Option<Instant>,
+    after_mincore: Option<fn(&Path)>,
 }
 
 /// A read-only shared mapping, unmapped when dropped.
@@ -327,6 +333,9 @@ impl FileScan<'_> {
                 continue;
             }
             self.summary.pages_resident += resident_count;
+            if let Some(hook) = self.after_mincore {
+                hook(path);
+            }
 
             // Map the resident runs into our page tables so pagemap shows their frames. A run
             // during whose mapping the thread took a major fault had a page evicted after

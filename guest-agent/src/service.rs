@@ -131,6 +131,7 @@ impl pb::agent_server::Agent for AgentService {
             time_budget: (request.time_budget_ms > 0)
                 .then(|| Duration::from_millis(request.time_budget_ms.into())),
             include_loop_devices: self.include_loop_devices,
+            after_mincore: None,
         };
         let (tx, rx) = mpsc::channel(4);
         tokio::task::spawn_blocking(move || {

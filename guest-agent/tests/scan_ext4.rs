@@ -282,3 +282,44 @@ fn files_that_shrink_or_grow_during_the_scan_are_never_fatal() {
     }
     println!("{:?}", report.summary);
 }
+
+/// Drops the clean cached pages of files named `evicted`: run between `mincore` and the touch,
+/// it makes the touch read them back from the disk.
+fn evict_if_named_evicted(path: &std::path::Path) {
+    if path.file_name().is_some_and(|n| n == "evicted") {
+        let file = File::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        // SAFETY: a valid open fd; fadvise only drops clean cached pages.
+        let rc = unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+        assert_eq!(rc, 0);
+    }
+}
+
+#[test]
+fn pages_evicted_between_mincore_and_the_touch_are_counted_not_reported() {
+    let fs = LoopFs::new(32, 4096);
+    let evicted = fs.mnt.join("evicted");
+    let kept = fs.mnt.join("kept");
+    for (tag, path) in [(20, &evicted), (21, &kept)] {
+        write_tagged(path, tag, 64 * PAGE_SIZE, true);
+        recache(path);
+    }
+    let report = common::scan_paths_with_hook(&[&fs.mnt], Some(evict_if_named_evicted));
+    assert!(
+        verify_file(&report, &fs, &evicted).is_empty(),
+        "{:?}",
+        report.summary
+    );
+    assert_eq!(
+        verify_file(&report, &fs, &kept),
+        (0..64).collect::<Vec<_>>(),
+        "{:?}",
+        report.summary
+    );
+    assert!(report.summary.pages_refaulted > 0, "{:?}", report.summary);
+    assert_eq!(
+        report.summary.pages_excluded.get("read back during scan"),
+        Some(&64),
+        "{:?}",
+        report.summary
+    );
+}

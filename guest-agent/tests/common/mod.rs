@@ -220,6 +220,12 @@ impl Report {
 
 /// Scans `paths` with loop devices counted as disks.
 pub fn scan_paths(paths: &[&Path]) -> Report {
+    scan_paths_with_hook(paths, None)
+}
+
+/// Scans `paths` with loop devices counted as disks, calling `after_mincore` with each file
+/// between `mincore` and the touch of its resident pages.
+pub fn scan_paths_with_hook(paths: &[&Path], after_mincore: Option<fn(&Path)>) -> Report {
     let mut disks = Vec::new();
     let mut extents = Vec::new();
     let summary = scan::scan(
@@ -227,6 +233,7 @@ pub fn scan_paths(paths: &[&Path]) -> Report {
             paths: paths.iter().map(|p| p.to_path_buf()).collect(),
             time_budget: None,
             include_loop_devices: true,
+            after_mincore,
         },
         |event| {
             match event {
