@@ -7,6 +7,8 @@ use kvm_bindings::{
     kvm_vcpu_events, kvm_xcrs, kvm_xsave,
 };
 use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
+
+use crate::devices::bus::Bus;
 use serde::{Deserialize, Serialize};
 
 /// What can go wrong with a vCPU.
@@ -54,8 +56,7 @@ pub enum VcpuExitKind {
         /// The bytes written.
         data: Vec<u8>,
     },
-    /// The guest read `len` bytes from I/O port `port` (answering it is not wired yet: the
-    /// guest sees zeros).
+    /// The guest read `len` bytes from I/O port `port` (answered by the port I/O bus).
     IoIn {
         /// The port.
         port: u16,
@@ -69,7 +70,7 @@ pub enum VcpuExitKind {
         /// The bytes written.
         data: Vec<u8>,
     },
-    /// The guest read `len` bytes from MMIO address `addr` (not wired yet: the guest sees zeros).
+    /// The guest read `len` bytes from MMIO address `addr` (answered by the MMIO bus).
     MmioRead {
         /// Guest physical address.
         addr: u64,
@@ -269,9 +270,10 @@ impl Vcpu {
         kvm("KVM_SET_REGS", self.fd.set_regs(&regs))
     }
 
-    /// Runs the vCPU until its next exit. An interrupted run (`EINTR`) is reported as
-    /// [`VcpuExitKind::Interrupted`], not as an error.
-    pub fn run(&mut self) -> Result<VcpuExitKind, VcpuError> {
+    /// Runs the vCPU until its next exit, handling port I/O and MMIO through `pio` and `mmio`
+    /// (reads are answered before the vCPU continues). The handled exit is still returned so
+    /// the caller can count or trace it.
+    pub fn run_with_buses(&mut self, pio: &Bus, mmio: &Bus) -> Result<VcpuExitKind, VcpuError> {
         let exit = match self.fd.run() {
             Ok(exit) => exit,
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
@@ -285,27 +287,54 @@ impl Vcpu {
             }
         };
         Ok(match exit {
+            VcpuExit::IoIn(port, data) => {
+                pio.read(u64::from(port), data);
+                VcpuExitKind::IoIn {
+                    port,
+                    len: data.len(),
+                }
+            }
+            VcpuExit::IoOut(port, data) => {
+                pio.write(u64::from(port), data);
+                VcpuExitKind::IoOut {
+                    port,
+                    data: data.to_vec(),
+                }
+            }
+            VcpuExit::MmioRead(addr, data) => {
+                mmio.read(addr, data);
+                VcpuExitKind::MmioRead {
+                    addr,
+                    len: data.len(),
+                }
+            }
+            VcpuExit::MmioWrite(addr, data) => {
+                mmio.write(addr, data);
+                VcpuExitKind::MmioWrite {
+                    addr,
+                    data: data.to_vec(),
+                }
+            }
+            other => Self::convert(other),
+        })
+    }
+
+    /// Runs the vCPU until its next exit without devices: port and MMIO reads see all ones,
+    /// writes are only reported. An interrupted run (`EINTR`) is reported as
+    /// [`VcpuExitKind::Interrupted`], not as an error.
+    pub fn run(&mut self) -> Result<VcpuExitKind, VcpuError> {
+        let empty = Bus::new();
+        self.run_with_buses(&empty, &empty)
+    }
+
+    /// Converts the exits [`Vcpu::run_with_buses`] does not handle itself.
+    fn convert(exit: VcpuExit<'_>) -> VcpuExitKind {
+        match exit {
             VcpuExit::Hlt => VcpuExitKind::Hlt,
-            VcpuExit::IoOut(port, data) => VcpuExitKind::IoOut {
-                port,
-                data: data.to_vec(),
-            },
-            VcpuExit::IoIn(port, data) => VcpuExitKind::IoIn {
-                port,
-                len: data.len(),
-            },
-            VcpuExit::MmioWrite(addr, data) => VcpuExitKind::MmioWrite {
-                addr,
-                data: data.to_vec(),
-            },
-            VcpuExit::MmioRead(addr, data) => VcpuExitKind::MmioRead {
-                addr,
-                len: data.len(),
-            },
             VcpuExit::Shutdown => VcpuExitKind::Shutdown,
             VcpuExit::Intr => VcpuExitKind::Interrupted,
             other => VcpuExitKind::Other(format!("{other:?}")),
-        })
+        }
     }
 }
 

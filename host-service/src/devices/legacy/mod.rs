@@ -1,0 +1,3 @@
+//! Legacy PC devices on the port I/O bus.
+
+pub mod serial;
