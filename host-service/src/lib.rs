@@ -4,7 +4,10 @@
 //! The VMM library is organised by concern:
 //!
 //! - [`kvm`]: KVM state — the VM and its memory slots, vCPUs, guest memory and dirty tracking.
-//! - [`devices`]: device models (virtio-blk) and the virtio-mmio transport.
+//! - [`boot`]: the guest physical layout (RAM around the MMIO hole, virtio-mmio slots, e820).
+//! - [`devices`]: device models (virtio-blk, virtio-vsock, the serial console), the virtio-mmio
+//!   transport and the port I/O and MMIO buses.
 
+pub mod boot;
 pub mod devices;
 pub mod kvm;
