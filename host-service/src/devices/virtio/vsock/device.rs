@@ -291,9 +291,10 @@ impl VirtioDevice for Vsock {
 
     fn reset(&mut self) {
         self.acked_features = 0;
-        let config = self.muxer.state().config;
-        self.muxer = Muxer::new(config);
-        self.events.clear();
+        // Listening ports are host configuration and survive a reset; connections do not.
+        for key in self.muxer.drop_connections() {
+            self.events.push(VsockEvent::Closed(key));
+        }
     }
 }
 

@@ -259,6 +259,14 @@ impl Muxer {
         }
     }
 
+    /// Drops every connection and pending reset (the device was reset); returns the keys of
+    /// the dropped connections so the host side can close them. Listening ports stay.
+    pub fn drop_connections(&mut self) -> Vec<ConnKey> {
+        self.resets.clear();
+        self.cursor = None;
+        std::mem::take(&mut self.conns).into_keys().collect()
+    }
+
     /// Whether [`next_packet`](Muxer::next_packet) has something to send.
     pub fn has_packet(&self) -> bool {
         !self.resets.is_empty() || self.conns.values().any(Connection::has_packet)
