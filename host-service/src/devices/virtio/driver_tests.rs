@@ -406,6 +406,10 @@ fn mmio_transport_enforces_the_init_sequence() {
     r.write(regs::VIRTIO_MMIO_STATUS, 1 | 8);
     assert_eq!(r.read(regs::VIRTIO_MMIO_STATUS), 1 | 2 | 8);
 
+    // A size that only fits after truncation to 16 bits is ignored (the queue keeps its size).
+    r.write(regs::VIRTIO_MMIO_QUEUE_NUM, 0x1_0010);
+    let size = d.transport.lock().expect("t").state().queues[0].size;
+    assert_ne!(size, 0x10, "0x10010 must not become 16");
     // A ready queue whose rings lie outside guest memory: DRIVER_OK fails with NEEDS_RESET.
     r.write(regs::VIRTIO_MMIO_QUEUE_NUM, 16);
     r.write64(regs::VIRTIO_MMIO_QUEUE_DESC_LOW, MEM_BYTES + PAGE);

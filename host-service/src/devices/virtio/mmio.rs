@@ -339,8 +339,9 @@ impl<D: VirtioDevice> MmioTransport<D> {
             },
             regs::VIRTIO_MMIO_QUEUE_SEL => self.queue_sel = value,
             regs::VIRTIO_MMIO_QUEUE_NUM if queue_phase => {
-                if let Some(q) = self.selected_queue_mut() {
-                    q.set_size(value as u16);
+                // A size that does not fit 16 bits is invalid, not truncated into a valid one.
+                if let (Ok(size), Some(q)) = (u16::try_from(value), self.selected_queue_mut()) {
+                    q.set_size(size);
                 }
             }
             regs::VIRTIO_MMIO_QUEUE_READY if queue_phase => {
