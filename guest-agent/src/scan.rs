@@ -378,14 +378,9 @@ impl FileScan<'_> {
             }
 
             let pfns = self.frames.frames(base, whole)?;
-            let present: Vec<u64> = pfns
-                .iter()
-                .zip(resident)
-                .filter(|(_, r)| **r & 1 != 0)
-                .filter_map(|(p, _)| *p)
-                .collect();
-            let mut flags = self.frames.flags(&present)?.into_iter();
-            let mut found: Vec<(u64, u64)> = Vec::new();
+            // The pages still in the running, with their frames; flags are read for exactly
+            // these, so each page is judged by its own frame's flags.
+            let mut candidates: Vec<(usize, u64)> = Vec::new();
             for (index, (pfn, r)) in pfns.iter().zip(resident).enumerate() {
                 if *r & 1 == 0 {
                     continue;
@@ -394,11 +389,15 @@ impl FileScan<'_> {
                     self.exclude("read back during scan", 1);
                     continue;
                 }
-                let Some(pfn) = *pfn else {
-                    self.exclude("evicted during scan", 1);
-                    continue;
-                };
-                let page_flags = flags.next().unwrap_or(frames::flags::NOPAGE);
+                match *pfn {
+                    Some(pfn) => candidates.push((index, pfn)),
+                    None => self.exclude("evicted during scan", 1),
+                }
+            }
+            let frame_numbers: Vec<u64> = candidates.iter().map(|(_, pfn)| *pfn).collect();
+            let flags = self.frames.flags(&frame_numbers)?;
+            let mut found: Vec<(u64, u64)> = Vec::new();
+            for ((index, pfn), page_flags) in candidates.into_iter().zip(flags) {
                 if let Some(reason) = frames::unclean_reason(page_flags) {
                     self.exclude(reason, 1);
                     continue;

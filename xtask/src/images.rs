@@ -49,12 +49,14 @@ const ROOTFS_FILES: &[(&str, &str, u32)] = &[
     ),
     ("etc/passwd", include_str!("../assets/rootfs/passwd"), 0o644),
     ("etc/group", include_str!("../assets/rootfs/group"), 0o644),
-    (
-        "etc/hostname",
-        include_str!("../assets/rootfs/hostname"),
-        0o644,
-    ),
+    ("etc/hostname", HOSTNAME, 0o644),
 ];
+
+/// The guest's host name (both root disk kinds).
+const HOSTNAME: &str = include_str!("../assets/rootfs/hostname");
+
+/// Size of rootfs.ext4 unless asked otherwise, in MiB.
+const DEFAULT_ROOTFS_MIB: u64 = 2048;
 
 /// Options of `cargo xtask images`.
 #[derive(clap::Args)]
@@ -64,7 +66,7 @@ pub struct ImagesArgs {
     #[arg(long, value_name = "TARBALL")]
     pub alpine_rootfs: Option<PathBuf>,
     /// Size of rootfs.ext4 in MiB (a sparse file: unused space costs nothing).
-    #[arg(long, default_value_t = 2048, value_parser = clap::value_parser!(u64).range(64..=1 << 20))]
+    #[arg(long, default_value_t = DEFAULT_ROOTFS_MIB, value_parser = clap::value_parser!(u64).range(64..=1 << 20))]
     pub rootfs_mib: u64,
 }
 
@@ -72,7 +74,7 @@ impl Default for ImagesArgs {
     fn default() -> Self {
         Self {
             alpine_rootfs: None,
-            rootfs_mib: 2048,
+            rootfs_mib: DEFAULT_ROOTFS_MIB,
         }
     }
 }
@@ -265,11 +267,7 @@ fn stage_alpine(tarball: &Path, sources: &Sources, root: &Path) -> Result<()> {
         );
     }
     install_binaries(sources, root)?;
-    let hostname = ROOTFS_FILES
-        .iter()
-        .find(|f| f.0 == "etc/hostname")
-        .map_or("ditto-guest\n", |f| f.1);
-    write_file(root, "etc/hostname", hostname, 0o644)?;
+    write_file(root, "etc/hostname", HOSTNAME, 0o644)?;
     let init = root.join("sbin/init");
     if init.symlink_metadata().is_err() {
         symlink("/bin/busybox", &init)?;

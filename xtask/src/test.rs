@@ -84,7 +84,7 @@ pub fn run(args: &TestArgs) -> Result<()> {
         let code = testbox::run(&BoxArgs {
             forwards: Vec::new(),
             shares: Vec::new(),
-            mem_mib: 4096,
+            mem_mib: testbox::DEFAULT_MEM_MIB,
             native: false,
             timeout: args.box_timeout,
             command: vec!["sh".into(), "-c".into(), script],

@@ -40,6 +40,9 @@ const BOX_INIT: &str = include_str!("../assets/box-init.sh");
 const BOX_CPU: &str = "EPYC,-nrip-save,-xsavec,-rdseed,-sha-ni,-fxsr-opt,-misalignsse,\
                        -3dnowprefetch,-osvw,-topoext";
 
+/// Memory of the box unless asked otherwise, in MiB.
+pub const DEFAULT_MEM_MIB: u64 = 4096;
+
 /// Exit status reported when the box ran out of time.
 const TIMED_OUT: i32 = 124;
 
@@ -79,7 +82,7 @@ pub struct BoxArgs {
     #[arg(long = "share", value_name = "DIR")]
     pub shares: Vec<PathBuf>,
     /// Memory of the box in MiB.
-    #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u64).range(256..=65536))]
+    #[arg(long, default_value_t = DEFAULT_MEM_MIB, value_parser = clap::value_parser!(u64).range(256..=65536))]
     pub mem_mib: u64,
     /// Run CMD directly on this host (needs vmx/svm in the CPU flags and a working /dev/kvm).
     #[arg(long)]

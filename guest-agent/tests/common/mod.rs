@@ -252,7 +252,6 @@ pub fn scan_paths_with_hook(paths: &[&Path], after_mincore: Option<fn(&Path)>) -
 }
 
 /// Which frame holds each resident page of `path` (from the test's own mapping of the file).
-/// Keeps the mapping alive while the returned guard lives, so frames cannot move.
 pub fn frames_of(path: &Path) -> HashMap<u64, u64> {
     let file = File::open(path).unwrap();
     let len = file.metadata().unwrap().len() as usize;
