@@ -12,8 +12,14 @@ const BOOT: Duration = Duration::from_secs(180);
 fn the_root_disks_init_mounts_the_system_and_starts_the_agent() {
     let images = images_dir().unwrap();
     let started = Instant::now();
-    // rcS prints this once /proc, /sys and /dev are mounted.
-    boot_until(&images, &[], "", "ditto guest: up", BOOT).unwrap();
+    // rcS prints its line once /proc, /sys and /dev are mounted; then init starts the agent,
+    // which logs on the console when it listens on vsock.
+    let console = boot_until(&images, &[], "", "ditto-agent serving", BOOT).unwrap();
+    assert!(
+        console.iter().any(|l| l.contains("ditto guest: up")),
+        "the agent ran before rcS finished:\n{}",
+        console.join("\n")
+    );
     println!("booted to rcS in {:.1} s", started.elapsed().as_secs_f64());
 }
 
