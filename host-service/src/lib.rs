@@ -11,5 +11,6 @@
 
 pub mod acpi;
 pub mod boot;
+pub mod control;
 pub mod devices;
 pub mod kvm;
