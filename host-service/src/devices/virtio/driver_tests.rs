@@ -2,8 +2,10 @@
 //! virtio driver) runs in this process against [`MmioTransport`] over guest memory in a host
 //! buffer. Its [`Hal`] hands out DMA pages from that guest memory and bounces shared buffers
 //! through it; its [`Transport`] is implemented on our register model, so every register access
-//! goes through the same code a guest's MMIO exits would.
+//! goes through the same code a guest's MMIO exits would. The glue ([`GuestHal`], [`Regs`],
+//! [`Counter`], [`memory`]) is shared with the vsock host-side tests.
 
+use std::collections::BTreeMap;
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -24,7 +26,7 @@ const PAGE: u64 = 4096;
 /// Guest memory shared by every test (the `Hal` is static): 64 MiB, allocated by bumping.
 const MEM_BYTES: u64 = 64 << 20;
 
-fn memory() -> &'static GuestMemory {
+pub(super) fn memory() -> &'static GuestMemory {
     static MEM: OnceLock<GuestMemory> = OnceLock::new();
     MEM.get_or_init(|| {
         MemoryLayout::single(MEM_BYTES)
@@ -33,17 +35,39 @@ fn memory() -> &'static GuestMemory {
     })
 }
 
-/// Allocates zeroed guest pages (never freed: the tests are short).
+/// Guest pages handed back by `unshare`, by run length, for reuse (bounce buffers come and go
+/// with every request; the tests that stream data would exhaust memory otherwise).
+static FREE: Mutex<BTreeMap<usize, Vec<u64>>> = Mutex::new(BTreeMap::new());
+
+/// Allocates zeroed guest pages: a freed run of the same length, or fresh ones.
 fn alloc_pages(pages: usize) -> PhysAddr {
     static NEXT: Mutex<u64> = Mutex::new(PAGE);
-    let mut next = NEXT.lock().expect("allocator");
-    let addr = *next;
-    *next += pages.max(1) as u64 * PAGE;
-    assert!(*next <= MEM_BYTES, "test guest memory exhausted");
+    let pages = pages.max(1);
+    let reused = FREE
+        .lock()
+        .expect("free list")
+        .get_mut(&pages)
+        .and_then(Vec::pop);
+    let addr = reused.unwrap_or_else(|| {
+        let mut next = NEXT.lock().expect("allocator");
+        let addr = *next;
+        *next += pages as u64 * PAGE;
+        assert!(*next <= MEM_BYTES, "test guest memory exhausted");
+        addr
+    });
     memory()
         .write_slice(&vec![0u8; pages * PAGE as usize], GuestAddress(addr))
         .expect("zero");
     addr
+}
+
+/// Returns pages from [`alloc_pages`] for reuse.
+fn free_pages(addr: PhysAddr, pages: usize) {
+    FREE.lock()
+        .expect("free list")
+        .entry(pages.max(1))
+        .or_default()
+        .push(addr);
 }
 
 fn host_ptr(paddr: PhysAddr) -> NonNull<u8> {
@@ -54,11 +78,12 @@ fn host_ptr(paddr: PhysAddr) -> NonNull<u8> {
 }
 
 /// DMA from the shared test guest memory.
-struct GuestHal;
+pub(super) struct GuestHal;
 
 // SAFETY: `dma_alloc` returns fresh, zeroed, page-aligned pages of a mapping that lives for the
 // whole process and is never handed out twice; `share` copies buffers into such pages and
-// `unshare` copies them back, so the driver's buffers are never accessed behind its back.
+// `unshare` copies them back (and only then recycles the bounce pages, which the device is done
+// with once the driver unshares), so the driver's buffers are never accessed behind its back.
 unsafe impl Hal for GuestHal {
     fn dma_alloc(pages: usize, _direction: BufferDirection) -> (PhysAddr, NonNull<u8>) {
         let paddr = alloc_pages(pages);
@@ -93,12 +118,13 @@ unsafe impl Hal for GuestHal {
                 .read_slice(bytes, GuestAddress(paddr))
                 .expect("bounce out");
         }
+        free_pages(paddr, buffer.len().div_ceil(PAGE as usize));
     }
 }
 
 /// Counts interrupts the transport raises.
 #[derive(Clone, Default)]
-struct Counter(Arc<AtomicUsize>);
+pub(super) struct Counter(pub(super) Arc<AtomicUsize>);
 
 impl Interrupt for Counter {
     fn trigger(&self) -> std::io::Result<()> {
@@ -108,7 +134,7 @@ impl Interrupt for Counter {
 }
 
 /// virtio-drivers' view of our transport: every call becomes register reads and writes.
-struct Regs<D>(Arc<Mutex<MmioTransport<D>>>);
+pub(super) struct Regs<D>(pub(super) Arc<Mutex<MmioTransport<D>>>);
 
 impl<D: VirtioDevice> Regs<D> {
     fn read(&self, offset: u32) -> u32 {

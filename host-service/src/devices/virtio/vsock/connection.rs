@@ -42,6 +42,10 @@ pub struct PendingControl {
     pub credit_update: bool,
     /// A shutdown with both flags, sent once the host-to-guest buffer is drained.
     pub shutdown: bool,
+    /// A shutdown with `SHUTDOWN_SEND` only (the host will send no more but still receives),
+    /// sent once the host-to-guest buffer is drained.
+    #[serde(default)]
+    pub shutdown_send: bool,
     /// A reset; once sent the connection is closed.
     pub rst: bool,
 }
@@ -79,6 +83,10 @@ pub struct ConnectionState {
     pub tx_capacity: u32,
     /// Shutdown flags the guest sent (`SHUTDOWN_RCV`, `SHUTDOWN_SEND`).
     pub peer_shutdown: u32,
+    /// `SHUTDOWN_SEND` once the host side said it will send no more (its socket reached end of
+    /// file).
+    #[serde(default)]
+    pub local_shutdown: u32,
 }
 
 /// A packet for the guest: its header and payload.
@@ -115,6 +123,7 @@ impl Connection {
                 tx_buf: Vec::new(),
                 tx_capacity: buf_alloc,
                 peer_shutdown: 0,
+                local_shutdown: 0,
             },
         }
     }
@@ -238,10 +247,7 @@ impl Connection {
             }
             (Phase::Established, Op::Shutdown) => {
                 st.peer_shutdown |= header.flags & SHUTDOWN_BOTH;
-                if st.peer_shutdown == SHUTDOWN_BOTH && st.rx_buf.is_empty() {
-                    // The guest is done both ways and nothing is left for the host: end it.
-                    self.reset();
-                }
+                self.end_if_done();
             }
             (Phase::Closing, Op::Shutdown) => {
                 st.phase = Phase::Closed;
@@ -251,17 +257,38 @@ impl Connection {
         }
     }
 
+    /// Whether host data may still be taken for the guest.
+    fn send_open(&self) -> bool {
+        let st = &self.state;
+        matches!(st.phase, Phase::LocalInit | Phase::Established)
+            && st.peer_shutdown & SHUTDOWN_RCV == 0
+            && st.local_shutdown & SHUTDOWN_SEND == 0
+            && !st.pending.shutdown
+            && !st.pending.rst
+    }
+
+    /// How many bytes of host data are worth reading for the guest now: what the guest's credit
+    /// covers beyond the data already buffered, within the buffer's room. Zero until the
+    /// connection is established and once the direction is shut down.
+    pub fn send_window(&self) -> usize {
+        let st = &self.state;
+        if st.phase != Phase::Established || !self.send_open() {
+            return 0;
+        }
+        let buffered = st.tx_buf.len();
+        let room = (st.tx_capacity as usize).saturating_sub(buffered);
+        (self.peer_credit() as usize)
+            .saturating_sub(buffered)
+            .min(room)
+    }
+
     /// Accepts host data for the guest; returns how many bytes of `data` were taken (the rest
     /// must be offered again later). Nothing is taken once either side shut the direction down.
     pub fn send(&mut self, data: &[u8]) -> usize {
-        let st = &mut self.state;
-        let open = matches!(st.phase, Phase::LocalInit | Phase::Established)
-            && st.peer_shutdown & SHUTDOWN_RCV == 0
-            && !st.pending.shutdown
-            && !st.pending.rst;
-        if !open {
+        if !self.send_open() {
             return 0;
         }
+        let st = &mut self.state;
         let room = (st.tx_capacity as usize).saturating_sub(st.tx_buf.len());
         let n = room.min(data.len());
         st.tx_buf.extend_from_slice(&data[..n]);
@@ -271,17 +298,65 @@ impl Connection {
     /// Takes up to `max` bytes of guest data for the host socket. Consuming data returns credit
     /// to the guest; a credit update is queued once half the buffer was freed unannounced.
     pub fn recv(&mut self, max: usize) -> Vec<u8> {
+        let n = max.min(self.state.rx_buf.len());
+        let data = self.state.rx_buf[..n].to_vec();
+        self.consume(n);
+        data
+    }
+
+    /// Guest data waiting for the host socket, for writing it in place; [`consume`] what was
+    /// written.
+    ///
+    /// [`consume`]: Connection::consume
+    pub fn rx_data(&self) -> &[u8] {
+        &self.state.rx_buf
+    }
+
+    /// Drops the first `n` bytes of [`rx_data`] (at most all of it) once the host socket took
+    /// them; returns how many were dropped. Like [`recv`], this returns credit to the guest.
+    ///
+    /// [`rx_data`]: Connection::rx_data
+    /// [`recv`]: Connection::recv
+    pub fn consume(&mut self, n: usize) -> usize {
         let st = &mut self.state;
-        let n = max.min(st.rx_buf.len());
-        let data: Vec<u8> = st.rx_buf.drain(..n).collect();
+        let n = n.min(st.rx_buf.len());
+        st.rx_buf.drain(..n);
+        // `n` is at most the buffer, which is at most `buf_alloc`: it fits a u32.
         st.fwd_cnt = st.fwd_cnt.wrapping_add(n as u32);
         if st.fwd_cnt.wrapping_sub(st.announced_fwd_cnt) >= st.buf_alloc / 2 && n > 0 {
             st.pending.credit_update = true;
         }
-        if st.peer_shutdown == SHUTDOWN_BOTH && st.rx_buf.is_empty() {
+        self.end_if_done();
+        n
+    }
+
+    /// Whether the host told the guest it sends no more (the shutdown went out).
+    fn local_send_done(&self) -> bool {
+        self.state.local_shutdown & SHUTDOWN_SEND != 0 && !self.state.pending.shutdown_send
+    }
+
+    /// Ends an established connection when nothing can flow any more: the guest shut both
+    /// directions, or both sides said they send no more, and the host took all guest data.
+    fn end_if_done(&mut self) {
+        let st = &self.state;
+        let guest_done = st.peer_shutdown == SHUTDOWN_BOTH
+            || (st.peer_shutdown & SHUTDOWN_SEND != 0 && self.local_send_done());
+        if st.phase == Phase::Established && guest_done && st.rx_buf.is_empty() {
             self.reset();
         }
-        data
+    }
+
+    /// The host side will send no more (its socket reached end of file) but still receives:
+    /// once the buffered host data has gone to the guest, a shutdown with `SHUTDOWN_SEND` tells
+    /// the guest. When the guest has also stopped sending, the connection ends with a reset.
+    pub fn shutdown_send(&mut self) {
+        let st = &mut self.state;
+        if matches!(st.phase, Phase::LocalInit | Phase::Established)
+            && st.local_shutdown & SHUTDOWN_SEND == 0
+        {
+            st.local_shutdown |= SHUTDOWN_SEND;
+            st.pending.shutdown_send = true;
+        }
     }
 
     /// The host side closed: once the buffered host data has gone to the guest, a full shutdown
@@ -295,6 +370,7 @@ impl Connection {
             Phase::LocalInit => self.reset(),
             Phase::Established => {
                 st.pending.shutdown = true;
+                st.pending.shutdown_send = false;
                 st.pending.credit_update = false;
                 st.rx_buf.clear();
             }
@@ -312,6 +388,7 @@ impl Connection {
             || p.credit_update
             || (st.phase == Phase::Established && !st.tx_buf.is_empty() && self.peer_credit() > 0)
             || (p.shutdown && st.tx_buf.is_empty())
+            || (p.shutdown_send && st.phase == Phase::Established && st.tx_buf.is_empty())
     }
 
     fn header(&mut self, op: Op, len: u32, flags: u32) -> Header {
@@ -361,6 +438,13 @@ impl Connection {
                 let header = self.header(Op::Rw, n as u32, 0);
                 return Some(OutPacket { header, payload });
             }
+        }
+        if p.shutdown_send && self.state.phase == Phase::Established && self.state.tx_buf.is_empty()
+        {
+            self.state.pending.shutdown_send = false;
+            let header = self.header(Op::Shutdown, 0, SHUTDOWN_SEND);
+            self.end_if_done();
+            return Some(control(header));
         }
         if p.shutdown && self.state.tx_buf.is_empty() {
             self.state.pending.shutdown = false;
@@ -419,7 +503,13 @@ mod tests {
         assert_eq!(conn.recv(100), b"hello");
 
         // Host to guest: limited by the guest's credit of 1000 bytes.
+        assert_eq!(conn.send_window(), 1000);
         assert_eq!(conn.send(&[7u8; 3000]), 3000);
+        assert_eq!(
+            conn.send_window(),
+            0,
+            "more buffered than the guest can take"
+        );
         let out = drain(&mut conn);
         assert_eq!(ops(&out), [Op::Rw]);
         assert_eq!(out[0].payload.len(), 1000);
@@ -539,12 +629,46 @@ mod tests {
         assert!(conn.is_closed());
     }
 
+    #[test]
+    fn host_half_close_keeps_receiving_and_ends_when_the_guest_stops_too() {
+        let mut conn = Connection::accept(&guest(Op::Request, 0, 0, 100, 0), 4096);
+        drain(&mut conn);
+        conn.send(b"last words");
+        conn.shutdown_send();
+        assert_eq!(conn.send(b"more"), 0, "nothing is taken after end of file");
+        let out = drain(&mut conn);
+        assert_eq!(ops(&out), [Op::Rw, Op::Shutdown]);
+        assert_eq!(out[1].header.flags, SHUTDOWN_SEND);
+        assert_eq!(conn.phase(), Phase::Established);
+        // The guest still sends; the host takes it in place.
+        conn.on_guest_packet(&guest(Op::Rw, 5, 0, 100, 10), b"reply");
+        assert_eq!(conn.rx_data(), b"reply");
+        assert_eq!(conn.consume(3), 3);
+        assert_eq!(conn.rx_data(), b"ly");
+        // The guest stops sending: once the host took the rest, the connection ends.
+        conn.on_guest_packet(&guest(Op::Shutdown, 0, SHUTDOWN_SEND, 100, 10), &[]);
+        assert_eq!(conn.phase(), Phase::Established);
+        assert_eq!(conn.consume(10), 2);
+        assert_eq!(ops(&drain(&mut conn)), [Op::Rst]);
+        assert!(conn.is_closed());
+
+        // The other order: the guest stopped first, the host's end of file finishes it.
+        let mut conn = Connection::accept(&guest(Op::Request, 0, 0, 100, 0), 4096);
+        drain(&mut conn);
+        conn.on_guest_packet(&guest(Op::Shutdown, 0, SHUTDOWN_SEND, 100, 0), &[]);
+        assert_eq!(conn.send(b"x"), 1, "the guest still receives");
+        conn.shutdown_send();
+        assert_eq!(ops(&drain(&mut conn)), [Op::Rw, Op::Shutdown, Op::Rst]);
+        assert!(conn.is_closed());
+    }
+
     #[derive(Clone, Debug)]
     enum Step {
         Guest(u16, u32, u32, u32, u32, Vec<u8>),
         Send(usize),
         Recv(usize),
         Close,
+        HalfClose,
         Reset,
         Pull(u32),
     }
@@ -566,6 +690,7 @@ mod tests {
             (0usize..500).prop_map(Step::Send),
             (0usize..500).prop_map(Step::Recv),
             Just(Step::Close),
+            Just(Step::HalfClose),
             Just(Step::Reset),
             (0u32..300).prop_map(Step::Pull),
         ]
@@ -600,6 +725,7 @@ mod tests {
                         conn.recv(n);
                     }
                     Step::Close => conn.close(),
+                    Step::HalfClose => conn.shutdown_send(),
                     Step::Reset => conn.reset(),
                     Step::Pull(max) => {
                         let credit = conn.peer_credit();

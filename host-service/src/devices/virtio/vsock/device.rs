@@ -1,7 +1,8 @@
 //! The virtio-vsock device model: the guest's transmit queue feeds the [`Muxer`], the receive
 //! queue is filled from it. The host side (Unix sockets, the hybrid handshake) talks to the
 //! muxer's connections and learns about accepted and closed connections from
-//! [`Vsock::take_events`].
+//! [`Vsock::take_events`]. An optional waker ([`Vsock::set_waker`]) tells the host side's event
+//! loop when processing a queue (on a vCPU thread) left something for it to do.
 //!
 //! Each descriptor chain is checked like any guest input: transmit chains must be
 //! device-readable, inside guest memory and at most one header plus [`MAX_PAYLOAD`] bytes;
@@ -13,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+use vmm_sys_util::eventfd::EventFd;
 
 use super::muxer::{ConnKey, MuxEvent, Muxer, MuxerState};
 use super::packet::{HEADER_BYTES, MAX_PAYLOAD};
@@ -54,6 +56,8 @@ pub enum ChainError {
 pub enum VsockEvent {
     /// The guest connected to a listening host port.
     Accepted(ConnKey),
+    /// The guest accepted a host-initiated connection.
+    Connected(ConnKey),
     /// A connection finished or was reset.
     Closed(ConnKey),
 }
@@ -74,6 +78,7 @@ pub struct Vsock {
     acked_features: u64,
     events: Vec<VsockEvent>,
     queue_sizes: [u16; 3],
+    waker: Option<EventFd>,
 }
 
 /// Checks a chain's descriptors: all of one direction, inside guest memory, bounded in number
@@ -120,6 +125,7 @@ impl Vsock {
             acked_features: 0,
             events: Vec::new(),
             queue_sizes: [QUEUE_SIZE; 3],
+            waker: None,
         }
     }
 
@@ -147,6 +153,20 @@ impl Vsock {
     /// [`RX_QUEUE`]).
     pub fn rx_pending(&self) -> bool {
         self.muxer.has_packet()
+    }
+
+    /// Sets the eventfd the device writes when the host side has work: the guest's transmit
+    /// queue was processed (data, credit or control packets arrived) or connection events wait
+    /// in [`take_events`](Vsock::take_events). The host side's event loop reads it.
+    pub fn set_waker(&mut self, waker: EventFd) {
+        self.waker = Some(waker);
+    }
+
+    fn wake(&self) {
+        if let Some(waker) = &self.waker {
+            // A failed write means the counter is saturated: the loop is woken anyway.
+            let _ = waker.write(1);
+        }
     }
 
     /// Takes the connection events since the last call.
@@ -179,6 +199,7 @@ impl Vsock {
         let payload = &rest[..rest.len().min(announced as usize)];
         match self.muxer.on_guest_packet(header, payload) {
             Ok(MuxEvent::Accepted(key)) => self.events.push(VsockEvent::Accepted(key)),
+            Ok(MuxEvent::Connected(key)) => self.events.push(VsockEvent::Connected(key)),
             Ok(MuxEvent::Closed(key)) => self.events.push(VsockEvent::Closed(key)),
             // Malformed packets are dropped; the muxer already reset what needed resetting.
             Ok(MuxEvent::None) | Err(_) => {}
@@ -286,6 +307,9 @@ impl VirtioDevice for Vsock {
             }
             _ => {}
         }
+        if (index == TX_QUEUE && used) || !self.events.is_empty() {
+            self.wake();
+        }
         used && queue.needs_notification(mem).unwrap_or(true)
     }
 
@@ -294,6 +318,9 @@ impl VirtioDevice for Vsock {
         // Listening ports are host configuration and survive a reset; connections do not.
         for key in self.muxer.drop_connections() {
             self.events.push(VsockEvent::Closed(key));
+        }
+        if !self.events.is_empty() {
+            self.wake();
         }
     }
 }

@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
-use super::connection::{Connection, ConnectionState, HOST_CID, OutPacket};
+use super::connection::{Connection, ConnectionState, HOST_CID, OutPacket, Phase};
 use super::packet::{Header, Op, PacketError};
 
 /// Most resets for unknown connections waiting to go to the guest.
@@ -59,6 +59,8 @@ pub enum MuxEvent {
     None,
     /// The guest connected to a listening port: open the host side of `key`.
     Accepted(ConnKey),
+    /// The guest accepted a host-initiated connection ([`Muxer::connect`]).
+    Connected(ConnKey),
     /// A connection was reset or finished: close its host side.
     Closed(ConnKey),
 }
@@ -235,10 +237,14 @@ impl Muxer {
             peer_port: h.src_port,
         };
         if let Some(conn) = self.conns.get_mut(&key) {
+            let was = conn.phase();
             conn.on_guest_packet(&h, payload);
             if conn.is_closed() {
                 self.conns.remove(&key);
                 return Ok(MuxEvent::Closed(key));
+            }
+            if was == Phase::LocalInit && conn.phase() == Phase::Established {
+                return Ok(MuxEvent::Connected(key));
             }
             return Ok(MuxEvent::None);
         }
@@ -426,6 +432,11 @@ mod tests {
         let mut m = muxer();
         let a = m.connect(52).expect("first");
         assert_eq!(a.local_port, FIRST_LOCAL_PORT);
+        // The guest answers before the request was even fetched: the request is dropped.
+        assert_eq!(
+            m.on_guest_packet(&from_guest(Op::Response, 52, a.local_port, 0), &[]),
+            Ok(MuxEvent::Connected(a))
+        );
         let b = m.connect(52).expect("second");
         assert_eq!(b.local_port, FIRST_LOCAL_PORT + 1);
         assert_eq!(m.connect(52), Err(MuxError::Full));
@@ -434,13 +445,7 @@ mod tests {
             .expect("handled");
         let out = drain(&mut m);
         assert_eq!(out[0], (Op::Rst, 52, 1025));
-        assert_eq!(
-            out[1..],
-            [
-                (Op::Request, a.local_port, 52),
-                (Op::Request, b.local_port, 52)
-            ]
-        );
+        assert_eq!(out[1..], [(Op::Request, b.local_port, 52)]);
     }
 
     #[test]
