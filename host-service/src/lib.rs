@@ -14,3 +14,4 @@ pub mod boot;
 pub mod control;
 pub mod devices;
 pub mod kvm;
+pub mod vmm;

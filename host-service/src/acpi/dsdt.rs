@@ -1,13 +1,16 @@
 //! The DSDT: one `LNRO0005` (virtio-mmio) device per slot under `\_SB`, each with its register
 //! window (`Memory32Fixed`) and edge-triggered interrupt in `_CRS`, as Linux's virtio_mmio ACPI
-//! match expects.
+//! match expects, and the `\_S5_` sleep type the kernel writes to the power device to power off.
 
 use acpi_tables::Aml;
 use acpi_tables::AmlSink;
-use acpi_tables::aml::{Device, Interrupt, Memory32Fixed, Name, Path, ResourceTemplate, Scope};
+use acpi_tables::aml::{
+    Device, Interrupt, Memory32Fixed, Name, Package, Path, ResourceTemplate, Scope,
+};
 use acpi_tables::sdt::Sdt;
 
 use crate::boot::layout::MmioSlot;
+use crate::devices::legacy::power::S5_SLEEP_TYPE;
 
 /// OEM id written into the tables.
 pub const OEM_ID: [u8; 6] = *b"DITTO ";
@@ -55,6 +58,9 @@ pub fn build(slots: &[MmioSlot]) -> Result<Vec<u8>, DsdtError> {
     }
     let children: Vec<&dyn Aml> = devices.iter().map(|d| d as &dyn Aml).collect();
     let mut body = Vec::new();
+    let s5 = [S5_SLEEP_TYPE, 0, 0, 0];
+    let s5: Vec<&dyn Aml> = s5.iter().map(|v| v as &dyn Aml).collect();
+    Name::new(Path::new("_S5_"), &Package::new(s5)).to_aml_bytes(&mut body);
     Scope::new(Path::new("\\_SB_"), children).to_aml_bytes(&mut body);
     let mut table = Sdt::new(*b"DSDT", 36, 6, OEM_ID, OEM_TABLE_ID, 1);
     table.append_slice(&body);
@@ -86,6 +92,8 @@ mod tests {
             "checksum"
         );
         assert_eq!(count(&table, b"LNRO0005"), 3);
+        // Name(_S5_, Package(4) { 5, 0, 0, 0 }).
+        assert_eq!(count(&table, b"_S5_\x12\x07\x04\x0a\x05\x00\x00\x00"), 1);
         for (i, slot) in layout.devices.iter().enumerate() {
             assert_eq!(count(&table, format!("V{i:03X}").as_bytes()), 1);
             // Memory32Fixed: tag 0x86, length 9, read-write, base, size.

@@ -33,8 +33,23 @@ pub const CMDLINE_START: u64 = 0x20000;
 pub const CMDLINE_MAX: u64 = 0x10000;
 /// Where the ACPI RSDP goes (the BIOS area the kernel scans).
 pub const RSDP_START: u64 = 0xe0000;
-/// Where the 64-bit kernel is loaded.
-pub const KERNEL_START: u64 = 0x100_0000;
+/// Where a bzImage's protected-mode kernel is loaded (the boot protocol's 1 MiB).
+pub const KERNEL_START: u64 = 0x10_0000;
+/// The boot GDT (null, 64-bit code, data, TSS descriptors).
+pub const BOOT_GDT_START: u64 = 0x500;
+/// The boot IDT (empty; the kernel installs its own before enabling interrupts).
+pub const BOOT_IDT_START: u64 = 0x520;
+/// The boot stack pointer.
+pub const BOOT_STACK_POINTER: u64 = 0x8ff0;
+/// The boot page tables: PML4, one PDPT and one page directory identity-mapping the first GiB
+/// with 2 MiB pages.
+pub const PML4_START: u64 = 0x9000;
+/// The boot PDPT.
+pub const PDPT_START: u64 = 0xa000;
+/// The boot page directory.
+pub const PD_START: u64 = 0xb000;
+/// End of the area ACPI tables may occupy (the RSDP comes first at [`RSDP_START`]).
+pub const ACPI_END: u64 = 0x10_0000;
 /// Interrupt lines for virtio-mmio devices: IOAPIC pins 5..=23 (0-4 are the timer, keyboard,
 /// cascade and serial ports).
 pub const VIRTIO_IRQS: std::ops::RangeInclusive<u32> = 5..=23;

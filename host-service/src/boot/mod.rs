@@ -1,5 +1,6 @@
-//! Booting a Linux guest: the guest physical layout ([`layout`]). Loading the bzImage, initrd
-//! and boot parameters (linux-loader) and the ACPI tables come next; they need the KVM test box
-//! to be proven, because this machine's KVM cannot boot Linux.
+//! Booting a Linux guest: the guest physical layout ([`layout`]), loading the bzImage, initrd,
+//! command line and boot parameters ([`loader`]) and the vCPUs' start state ([`cpu`]).
 
+pub mod cpu;
 pub mod layout;
+pub mod loader;

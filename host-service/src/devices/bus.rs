@@ -50,6 +50,15 @@ pub enum BusError {
     },
 }
 
+/// The two buses a vCPU's exits go to.
+#[derive(Debug, Default)]
+pub struct Buses {
+    /// Port I/O.
+    pub pio: Bus,
+    /// Memory-mapped I/O.
+    pub mmio: Bus,
+}
+
 /// A bus: address ranges mapped to devices.
 #[derive(Default)]
 pub struct Bus {

@@ -5,6 +5,7 @@
 //! Everything that describes state is a plain serialisable struct; the live objects (file
 //! descriptors, mappings) are built from and captured into those structs.
 
+pub mod cpuid;
 pub mod dirty;
 pub mod memory;
 pub mod runner;

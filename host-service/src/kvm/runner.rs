@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use vmm_sys_util::signal::{Killable, SIGRTMIN, register_signal_handler};
 
 use super::vcpu::{Vcpu, VcpuError, VcpuExitKind};
+use crate::devices::bus::Buses;
 
 /// Offset from `SIGRTMIN` of the signal that kicks vCPU threads.
 pub const KICK_SIGNAL_OFFSET: i32 = 0;
@@ -84,8 +85,9 @@ pub struct VcpuThread {
 }
 
 impl VcpuThread {
-    /// Starts `vcpu` in a new thread; `on_exit` handles every exit other than a kick.
-    pub fn spawn<F>(mut vcpu: Vcpu, mut on_exit: F) -> Result<Self, RunnerError>
+    /// Starts `vcpu` in a new thread. Port I/O and MMIO exits go to `buses`; `on_exit` then
+    /// sees every exit other than a kick.
+    pub fn spawn<F>(mut vcpu: Vcpu, buses: Arc<Buses>, mut on_exit: F) -> Result<Self, RunnerError>
     where
         F: FnMut(&VcpuExitKind) -> ExitAction + Send + 'static,
     {
@@ -98,7 +100,7 @@ impl VcpuThread {
             .spawn(move || {
                 let run = vcpu.fd_mut().get_kvm_run();
                 IMMEDIATE_EXIT.with(|c| c.set(std::ptr::addr_of_mut!(run.immediate_exit)));
-                let result = run_loop(&mut vcpu, &thread_stop, &mut on_exit);
+                let result = run_loop(&mut vcpu, &buses, &thread_stop, &mut on_exit);
                 IMMEDIATE_EXIT.with(|c| c.set(std::ptr::null_mut()));
                 vcpu.fd_mut().set_kvm_immediate_exit(0);
                 let _ = tx.send(());
@@ -137,12 +139,17 @@ impl VcpuThread {
     }
 }
 
-fn run_loop<F>(vcpu: &mut Vcpu, stop: &AtomicBool, on_exit: &mut F) -> Result<(), VcpuError>
+fn run_loop<F>(
+    vcpu: &mut Vcpu,
+    buses: &Buses,
+    stop: &AtomicBool,
+    on_exit: &mut F,
+) -> Result<(), VcpuError>
 where
     F: FnMut(&VcpuExitKind) -> ExitAction,
 {
     while !stop.load(Ordering::SeqCst) {
-        match vcpu.run()? {
+        match vcpu.run_with_buses(&buses.pio, &buses.mmio)? {
             VcpuExitKind::Interrupted => vcpu.fd_mut().set_kvm_immediate_exit(0),
             exit => {
                 if on_exit(&exit) == ExitAction::Stop {
@@ -172,8 +179,10 @@ mod tests {
             .expect("jmp $");
         let mut vcpu = vm.create_vcpu(0).expect("vcpu");
         vcpu.set_real_mode_entry(0x1000).expect("entry");
-        let thread =
-            VcpuThread::spawn(vcpu, |exit| panic!("no exit expected: {exit:?}")).expect("spawn");
+        let thread = VcpuThread::spawn(vcpu, Arc::default(), |exit| {
+            panic!("no exit expected: {exit:?}")
+        })
+        .expect("spawn");
         std::thread::sleep(Duration::from_millis(50));
         assert!(!thread.is_finished());
         let started = Instant::now();
@@ -211,7 +220,7 @@ mod tests {
                 ExitAction::Continue
             }
         };
-        let thread = VcpuThread::spawn(vcpu, counter.clone()).expect("spawn");
+        let thread = VcpuThread::spawn(vcpu, Arc::default(), counter.clone()).expect("spawn");
         std::thread::sleep(Duration::from_millis(30));
         let vcpu = thread.stop(Duration::from_secs(5)).expect("pause");
         let state = vcpu.save_state().expect("capture");
@@ -231,7 +240,7 @@ mod tests {
             in_memory
         );
 
-        let thread = VcpuThread::spawn(vcpu, counter).expect("resume");
+        let thread = VcpuThread::spawn(vcpu, Arc::default(), counter).expect("resume");
         std::thread::sleep(Duration::from_millis(30));
         let vcpu = thread.stop(Duration::from_secs(5)).expect("pause again");
         assert!(
@@ -249,7 +258,7 @@ mod tests {
             .expect("hlt");
         let mut vcpu = vm.create_vcpu(0).expect("vcpu");
         vcpu.set_real_mode_entry(0x1000).expect("entry");
-        let thread = VcpuThread::spawn(vcpu, |exit| {
+        let thread = VcpuThread::spawn(vcpu, Arc::default(), |exit| {
             assert_eq!(*exit, VcpuExitKind::Hlt);
             ExitAction::Stop
         })

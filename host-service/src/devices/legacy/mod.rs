@@ -1,3 +1,4 @@
-//! Legacy PC devices on the port I/O bus.
+//! Legacy PC devices on the port I/O bus: the serial console and the ACPI power device.
 
+pub mod power;
 pub mod serial;

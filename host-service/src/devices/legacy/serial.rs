@@ -3,8 +3,9 @@
 
 use std::io::Write;
 
-use vm_superio::serial::NoEvents;
+use vm_superio::serial::{NoEvents, SerialState};
 use vm_superio::{Serial, Trigger};
+pub use vm_superio_ser::SerialStateSer as SerialConsoleState;
 
 use crate::devices::bus::BusDevice;
 use crate::devices::virtio::mmio::Interrupt;
@@ -44,6 +45,21 @@ impl SerialConsole {
         Self {
             serial: Serial::new(SerialIrq(irq), out),
         }
+    }
+
+    /// Rebuilds a UART from captured registers.
+    pub fn restore(
+        state: &SerialConsoleState,
+        irq: Box<dyn Interrupt>,
+        out: Box<dyn Write + Send>,
+    ) -> Result<Self, vm_superio::serial::Error<std::io::Error>> {
+        let serial = Serial::from_state(&SerialState::from(state), SerialIrq(irq), NoEvents, out)?;
+        Ok(Self { serial })
+    }
+
+    /// The UART's registers and pending input, serialisable.
+    pub fn state(&self) -> SerialConsoleState {
+        SerialConsoleState::from(&self.serial.state())
     }
 
     /// Queues input bytes for the guest (as if typed); returns how many fit in the FIFO.

@@ -1,0 +1,206 @@
+//! What one VM is made of, as given on the `ditto-vmm run` command line: kernel, initrd, command
+//! line, vCPUs, memory, drives, vsock, console and control socket. Parsing and the checks that
+//! need no resources live here; everything else (files, memory, KVM) is checked when the VM is
+//! built, before the guest starts.
+
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::devices::virtio::block::{BlockConfig, ID_BYTES};
+
+/// The command line used when none is given: serial console, no PCI probing, reboot and panic
+/// end the VM.
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=acpi panic=-1 pci=off";
+
+/// Most vCPUs a VM may have.
+pub const MAX_VCPUS: u8 = 254;
+
+/// Why a configuration is invalid.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    /// A `--drive` value cannot be parsed.
+    #[error("bad drive {spec:?}: {reason} (expected id=ID,path=PATH[,ro])")]
+    Drive {
+        /// The value given.
+        spec: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// Two drives have the same id.
+    #[error("drive id {0:?} is used twice")]
+    DuplicateDrive(String),
+    /// The vCPU count is out of range.
+    #[error("{0} vCPUs: need 1..={MAX_VCPUS}")]
+    Vcpus(u8),
+    /// The vsock context id is reserved.
+    #[error("vsock cid {0} is reserved (need 3 or more, below 2^32 - 1)")]
+    Cid(u64),
+}
+
+/// Where the serial console writes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Console {
+    /// The VMM's standard output.
+    Stdout,
+    /// Appended to a file.
+    File(PathBuf),
+    /// Discarded.
+    Off,
+}
+
+impl FromStr for Console {
+    type Err = std::convert::Infallible;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(match s {
+            "stdout" | "-" => Self::Stdout,
+            "off" | "none" => Self::Off,
+            path => Self::File(PathBuf::from(path)),
+        })
+    }
+}
+
+/// The vsock device: the guest's context id and the host Unix socket for hybrid connections.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VsockConfig {
+    /// The guest's context id.
+    pub cid: u64,
+    /// The Unix socket host programs connect to (`CONNECT <port>`); guest connections to host
+    /// port P go to `<uds>_P`.
+    pub uds: PathBuf,
+}
+
+/// One VM.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmConfig {
+    /// The bzImage.
+    pub kernel: PathBuf,
+    /// The initrd, if any.
+    pub initrd: Option<PathBuf>,
+    /// The kernel command line.
+    pub cmdline: String,
+    /// Also describe the virtio-mmio devices with `virtio_mmio.device=` on the command line
+    /// (for kernels built with it; the ACPI DSDT always describes them).
+    pub virtio_mmio_cmdline: bool,
+    /// Number of vCPUs.
+    pub vcpus: u8,
+    /// Guest RAM in MiB.
+    pub mem_mib: u64,
+    /// Disks, in the order the guest sees them (vda, vdb, …).
+    pub drives: Vec<BlockConfig>,
+    /// The vsock device, if any.
+    pub vsock: Option<VsockConfig>,
+    /// Where the serial console goes.
+    pub console: Console,
+}
+
+impl VmConfig {
+    /// Checks what can be checked without touching files or KVM.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
+            return Err(ConfigError::Vcpus(self.vcpus));
+        }
+        for (i, d) in self.drives.iter().enumerate() {
+            if self.drives[..i].iter().any(|o| o.id == d.id) {
+                return Err(ConfigError::DuplicateDrive(d.id.clone()));
+            }
+        }
+        if let Some(v) = &self.vsock
+            && (v.cid < 3 || v.cid >= u64::from(u32::MAX))
+        {
+            return Err(ConfigError::Cid(v.cid));
+        }
+        Ok(())
+    }
+}
+
+/// Parses a drive given as `id=ID,path=PATH[,ro]` (also `ro=on|off|true|false`).
+pub fn parse_drive(spec: &str) -> Result<BlockConfig, ConfigError> {
+    let bad = |reason: &str| ConfigError::Drive {
+        spec: spec.to_owned(),
+        reason: reason.to_owned(),
+    };
+    let (mut id, mut path, mut read_only) = (None, None, false);
+    for part in spec.split(',') {
+        match part.split_once('=') {
+            Some(("id", v)) => id = Some(v.to_owned()),
+            Some(("path", v)) => path = Some(PathBuf::from(v)),
+            Some(("ro", "on" | "true" | "1")) => read_only = true,
+            Some(("ro", "off" | "false" | "0")) => read_only = false,
+            None if part == "ro" => read_only = true,
+            _ => return Err(bad(&format!("unknown part {part:?}"))),
+        }
+    }
+    let id = id.filter(|i| !i.is_empty()).ok_or_else(|| bad("no id"))?;
+    if id.len() > ID_BYTES {
+        return Err(bad(&format!("id longer than {ID_BYTES} bytes")));
+    }
+    let path = path
+        .filter(|p| !p.as_os_str().is_empty())
+        .ok_or_else(|| bad("no path"))?;
+    Ok(BlockConfig {
+        id,
+        path,
+        read_only,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn drives_parse_and_bad_ones_are_explained() {
+        let d = parse_drive("id=root,path=/img/rootfs.ext4,ro").expect("drive");
+        assert_eq!(
+            d,
+            BlockConfig {
+                id: "root".into(),
+                path: "/img/rootfs.ext4".into(),
+                read_only: true
+            }
+        );
+        assert!(!parse_drive("path=/a,id=x").expect("drive").read_only);
+        assert!(parse_drive("id=x,path=/a,ro=on").expect("drive").read_only);
+        for bad in ["", "id=x", "path=/a", "id=x,path=/a,rw", "id=,path=/a"] {
+            assert!(parse_drive(bad).is_err(), "{bad:?}");
+        }
+        assert!(parse_drive(&format!("id={},path=/a", "x".repeat(21))).is_err());
+    }
+
+    #[test]
+    fn configs_are_validated() {
+        let mut c = VmConfig {
+            kernel: "/k".into(),
+            initrd: None,
+            cmdline: DEFAULT_CMDLINE.into(),
+            virtio_mmio_cmdline: false,
+            vcpus: 2,
+            mem_mib: 512,
+            drives: vec![parse_drive("id=a,path=/a").expect("a")],
+            vsock: Some(VsockConfig {
+                cid: 3,
+                uds: "/tmp/v.sock".into(),
+            }),
+            console: "stdout".parse().expect("console"),
+        };
+        assert_eq!(c.validate(), Ok(()));
+        c.drives.push(parse_drive("id=a,path=/b").expect("b"));
+        assert_eq!(c.validate(), Err(ConfigError::DuplicateDrive("a".into())));
+        c.drives.pop();
+        c.vcpus = 0;
+        assert_eq!(c.validate(), Err(ConfigError::Vcpus(0)));
+        c.vcpus = 1;
+        c.vsock = Some(VsockConfig {
+            cid: 2,
+            uds: "/x".into(),
+        });
+        assert_eq!(c.validate(), Err(ConfigError::Cid(2)));
+        assert_eq!(
+            "/tmp/c.log".parse::<Console>(),
+            Ok(Console::File("/tmp/c.log".into()))
+        );
+    }
+}
