@@ -8,6 +8,7 @@
 //! dropped; a reset is advisory).
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::ops::Bound::{Excluded, Unbounded};
 
 use serde::{Deserialize, Serialize};
 
@@ -293,10 +294,11 @@ impl Muxer {
             });
         }
         let after: Vec<ConnKey> = match self.cursor {
+            // Strictly after the cursor, then from the start: the cursor's connection may be
+            // gone by now.
             Some(c) => self
                 .conns
-                .range(c..)
-                .skip(1)
+                .range((Excluded(c), Unbounded))
                 .chain(self.conns.range(..=c))
                 .map(|(k, _)| *k)
                 .collect(),
@@ -479,6 +481,27 @@ mod tests {
             .take(4)
             .collect();
         assert_eq!(order, [1025, 1026, 1025, 1026]);
+        // The connection served last goes away: the next one is still served.
+        let last = ConnKey {
+            local_port: 52,
+            peer_port: 1026,
+        };
+        assert_eq!(
+            m.on_guest_packet(&from_guest(Op::Rst, 1026, 52, 0), &[]),
+            Ok(MuxEvent::Closed(last))
+        );
+        let next = m.connect(1027).expect("connect");
+        m.connection(ConnKey {
+            local_port: 52,
+            peer_port: 1025,
+        })
+        .expect("conn")
+        .reset();
+        let out = drain(&mut m);
+        assert!(
+            out.contains(&(Op::Request, next.local_port, 1027)),
+            "{out:?}"
+        );
         let state = m.state();
         assert_eq!(Muxer::restore(state.clone()).state(), state);
     }

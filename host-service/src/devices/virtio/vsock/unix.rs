@@ -133,7 +133,8 @@ pub struct VsockUnixConfig {
     pub handshake_timeout: Duration,
     /// How long the guest may take to accept a host connection.
     pub connect_timeout: Duration,
-    /// How long the guest may take to answer a full shutdown before the connection is reset.
+    /// How long the guest may take to answer a full shutdown before the connection is reset
+    /// (renewed while the guest still takes the host's last data).
     pub shutdown_timeout: Duration,
 }
 
@@ -278,6 +279,9 @@ struct HostConn {
     hung_up: bool,
     /// The connection was fully shut down from the host side; the guest should reset it.
     closing: bool,
+    /// While closing: host data still waiting for the guest when the deadline was last set (the
+    /// deadline moves on while the guest keeps taking data).
+    closing_backlog: usize,
     /// `shutdown(2)` directions applied to the stream, as vsock flags: `SHUTDOWN_SEND` when the
     /// guest stopped sending (the stream's write side), `SHUTDOWN_RCV` when it stopped receiving.
     shut: u32,
@@ -296,6 +300,7 @@ impl HostConn {
             host_eof: false,
             hung_up: false,
             closing: false,
+            closing_backlog: 0,
             shut: 0,
             deadline,
         }
@@ -828,10 +833,18 @@ fn service_one(
     if host.host_eof && host.hung_up && !host.closing {
         host.closing = true;
         conn.close();
+        host.closing_backlog = conn.state().tx_buf.len();
         host.deadline = Some(now + shutdown_timeout);
     }
     if host.deadline.is_some_and(|d| d <= now) {
-        return Verdict::Fail;
+        // A closing connection whose host data still drains into the guest gets more time as
+        // long as the guest keeps taking it.
+        let backlog = conn.state().tx_buf.len();
+        if !(host.closing && backlog < host.closing_backlog) {
+            return Verdict::Fail;
+        }
+        host.closing_backlog = backlog;
+        host.deadline = Some(now + shutdown_timeout);
     }
     Verdict::Keep
 }
@@ -1070,3 +1083,7 @@ pub fn connect(uds: &Path, port: u32, timeout: Duration) -> Result<UnixStream, V
 fn timed_out_err(port: u32, timeout: Duration) -> VsockUnixError {
     VsockUnixError::Timeout { port, timeout }
 }
+
+#[cfg(test)]
+#[path = "unix_tests.rs"]
+mod tests;
