@@ -5,12 +5,13 @@
 use acpi_tables::Aml;
 use acpi_tables::AmlSink;
 use acpi_tables::aml::{
-    Device, Interrupt, Memory32Fixed, Name, Package, Path, ResourceTemplate, Scope,
+    Device, EISAName, IO, Interrupt, Memory32Fixed, Name, Package, Path, ResourceTemplate, Scope,
 };
 use acpi_tables::sdt::Sdt;
 
 use crate::boot::layout::MmioSlot;
 use crate::devices::legacy::power::S5_SLEEP_TYPE;
+use crate::devices::legacy::serial::{COM1_IRQ, COM1_PORT, PORT_COUNT};
 
 /// OEM id written into the tables.
 pub const OEM_ID: [u8; 6] = *b"DITTO ";
@@ -56,6 +57,22 @@ pub fn build(slots: &[MmioSlot]) -> Result<Vec<u8>, DsdtError> {
         Device::new(Path::new(&format!("V{i:03X}")), vec![&hid, &uid, &crs]).to_aml_bytes(&mut aml);
         devices.push(Encoded(aml));
     }
+    // COM1 as a PNP0501 device: on a hardware-reduced platform the kernel has no legacy ISA
+    // interrupts, so the serial port's IRQ only works when ACPI describes it.
+    let mut com1 = Vec::new();
+    let io = IO::new(COM1_PORT as u16, COM1_PORT as u16, 1, PORT_COUNT as u8);
+    let irq = Interrupt::new(true, true, false, false, COM1_IRQ);
+    let crs = ResourceTemplate::new(vec![&io, &irq]);
+    Device::new(
+        Path::new("COM1"),
+        vec![
+            &Name::new(Path::new("_HID"), &EISAName::new("PNP0501")),
+            &Name::new(Path::new("_UID"), &0u8),
+            &Name::new(Path::new("_CRS"), &crs),
+        ],
+    )
+    .to_aml_bytes(&mut com1);
+    devices.push(Encoded(com1));
     let children: Vec<&dyn Aml> = devices.iter().map(|d| d as &dyn Aml).collect();
     let mut body = Vec::new();
     let s5 = [S5_SLEEP_TYPE, 0, 0, 0];
@@ -92,6 +109,12 @@ mod tests {
             "checksum"
         );
         assert_eq!(count(&table, b"LNRO0005"), 3);
+        assert_eq!(count(&table, b"COM1"), 1);
+        // IO descriptor: tag 0x47, 16-bit decode, 0x3f8..0x3f8, alignment 1, 8 ports.
+        assert_eq!(
+            count(&table, &[0x47, 0x01, 0xf8, 0x03, 0xf8, 0x03, 0x01, 0x08]),
+            1
+        );
         // Name(_S5_, Package(4) { 5, 0, 0, 0 }).
         assert_eq!(count(&table, b"_S5_\x12\x07\x04\x0a\x05\x00\x00\x00"), 1);
         for (i, slot) in layout.devices.iter().enumerate() {

@@ -3,9 +3,9 @@
 
 use std::io::Write;
 
+use serde::{Deserialize, Serialize};
 use vm_superio::serial::{NoEvents, SerialState};
 use vm_superio::{Serial, Trigger};
-pub use vm_superio_ser::SerialStateSer as SerialConsoleState;
 
 use crate::devices::bus::BusDevice;
 use crate::devices::virtio::mmio::Interrupt;
@@ -16,6 +16,67 @@ pub const COM1_PORT: u64 = 0x3f8;
 pub const COM1_IRQ: u32 = 4;
 /// Number of ports the UART decodes.
 pub const PORT_COUNT: u64 = 8;
+
+/// The UART's registers and pending input: vm-superio's `SerialState`, serialisable. (Its
+/// companion crate vm-superio-ser pins vm-superio 0.8.1, which lacks the THRE re-assertion on
+/// IER writes that Linux's 8250 driver needs to transmit from userspace.)
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SerialConsoleState {
+    /// Divisor latch, low byte.
+    pub baud_divisor_low: u8,
+    /// Divisor latch, high byte.
+    pub baud_divisor_high: u8,
+    /// Interrupt enable register.
+    pub interrupt_enable: u8,
+    /// Interrupt identification register.
+    pub interrupt_identification: u8,
+    /// Line control register.
+    pub line_control: u8,
+    /// Line status register.
+    pub line_status: u8,
+    /// Modem control register.
+    pub modem_control: u8,
+    /// Modem status register.
+    pub modem_status: u8,
+    /// Scratch register.
+    pub scratch: u8,
+    /// Received bytes not yet read by the guest.
+    pub in_buffer: Vec<u8>,
+}
+
+impl From<&SerialState> for SerialConsoleState {
+    fn from(s: &SerialState) -> Self {
+        Self {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer.clone(),
+        }
+    }
+}
+
+impl From<&SerialConsoleState> for SerialState {
+    fn from(s: &SerialConsoleState) -> Self {
+        Self {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer.clone(),
+        }
+    }
+}
 
 /// Adapts an [`Interrupt`] line to vm-superio's trigger.
 pub struct SerialIrq(pub Box<dyn Interrupt>);
