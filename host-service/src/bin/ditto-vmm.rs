@@ -8,8 +8,10 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
+use ditto_host::control::ControlSocket;
 use ditto_host::devices::virtio::block::BlockConfig;
 use ditto_host::vmm::config::{self, Console, VmConfig, VsockConfig};
+use ditto_host::vmm::control::VmmControl;
 use ditto_host::vmm::{ExitReason, Vmm};
 
 #[derive(Parser)]
@@ -59,6 +61,10 @@ struct RunArgs {
     /// Where the serial console goes: `stdout`, `off` or a file.
     #[arg(long, default_value = "stdout")]
     console: Console,
+    /// A host port the guest may connect to over vsock, served by `<--vsock-uds>_PORT`.
+    /// Repeatable.
+    #[arg(long = "vsock-host-port", requires = "vsock_uds")]
+    vsock_host_ports: Vec<u32>,
     /// The control socket (status, pause, resume, shutdown, vsock connections).
     #[arg(long)]
     control: Option<PathBuf>,
@@ -77,7 +83,11 @@ impl RunArgs {
             vsock: self
                 .vsock_cid
                 .zip(self.vsock_uds.clone())
-                .map(|(cid, uds)| VsockConfig { cid, uds }),
+                .map(|(cid, uds)| VsockConfig {
+                    cid,
+                    uds,
+                    host_ports: self.vsock_host_ports.clone(),
+                }),
             console: self.console.clone(),
         }
     }
@@ -111,14 +121,35 @@ fn run(args: &RunArgs) -> Result<ExitReason> {
             sender.send(ExitReason::Requested);
         });
     }
-    if let Some(path) = &args.control {
-        let _ = path; // wired in below once the control endpoint lands
-    }
+    let (stop_control, control_stopped) = tokio::sync::oneshot::channel::<()>();
+    let control = match &args.control {
+        Some(path) => {
+            let socket = {
+                let _guard = runtime.enter();
+                ControlSocket::bind(path)
+                    .with_context(|| format!("cannot serve control socket {}", path.display()))?
+            };
+            let handle = Arc::new(VmmControl::new(vmm.clone()));
+            Some(runtime.spawn(socket.serve(handle, async move {
+                let _ = control_stopped.await;
+            })))
+        }
+        None => None,
+    };
 
     lock().start().context("cannot start the vCPUs")?;
     let reason = events.wait(|| lock().check_alive());
-    lock().stop().context("cannot stop the vCPUs")?;
+    let stopped = lock().stop().context("cannot stop the VM");
+    let _ = stop_control.send(());
+    if let Some(server) = control {
+        match runtime.block_on(server) {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => eprintln!("ditto-vmm: control socket: {e}"),
+            Err(e) => eprintln!("ditto-vmm: control socket task: {e}"),
+        }
+    }
     runtime.shutdown_background();
+    stopped?;
     Ok(reason)
 }
 

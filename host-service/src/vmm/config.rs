@@ -70,6 +70,9 @@ pub struct VsockConfig {
     /// The Unix socket host programs connect to (`CONNECT <port>`); guest connections to host
     /// port P go to `<uds>_P`.
     pub uds: PathBuf,
+    /// Host ports the guest may connect to (each served by `<uds>_P`).
+    #[serde(default)]
+    pub host_ports: Vec<u32>,
 }
 
 /// One VM.
@@ -183,6 +186,7 @@ mod tests {
             vsock: Some(VsockConfig {
                 cid: 3,
                 uds: "/tmp/v.sock".into(),
+                host_ports: vec![],
             }),
             console: "stdout".parse().expect("console"),
         };
@@ -196,6 +200,7 @@ mod tests {
         c.vsock = Some(VsockConfig {
             cid: 2,
             uds: "/x".into(),
+            host_ports: vec![],
         });
         assert_eq!(c.validate(), Err(ConfigError::Cid(2)));
         assert_eq!(

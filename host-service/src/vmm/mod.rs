@@ -7,6 +7,7 @@
 //! process with [`Vmm::stop`].
 
 pub mod config;
+pub mod control;
 pub mod devices;
 
 use std::sync::{Arc, mpsc};
@@ -20,6 +21,7 @@ use crate::boot::cpu::{self, CpuSetupError};
 use crate::boot::layout::{Layout, LayoutError, MIB};
 use crate::boot::loader::{self, LoadError};
 use crate::devices::legacy::power::PowerEvent;
+use crate::devices::virtio::vsock::unix::{self as vsock_unix, VsockUnixError, VsockUnixThread};
 use crate::kvm::runner::{ExitAction, RunnerError, VcpuThread};
 use crate::kvm::vcpu::{Vcpu, VcpuError, VcpuExitKind, VcpuState};
 use crate::kvm::vm::{Vm, VmDevicesState, VmError};
@@ -69,6 +71,9 @@ pub enum VmmError {
     /// Devices.
     #[error(transparent)]
     Devices(#[from] DevicesError),
+    /// The vsock host side.
+    #[error(transparent)]
+    Vsock(#[from] VsockUnixError),
     /// KVM_GET_SUPPORTED_CPUID failed.
     #[error("cannot read the CPUID KVM supports: {0}")]
     Cpuid(kvm_ioctls::Error),
@@ -177,6 +182,7 @@ pub struct Vmm {
     layout: Layout,
     vm: Vm,
     devices: Devices,
+    vsock_host: Option<VsockUnixThread>,
     vcpus: Vec<VcpuSlot>,
     state: RunState,
     cpuid: CpuId,
@@ -211,6 +217,20 @@ fn power_callback(events: &EventSender) -> Arc<dyn Fn(PowerEvent) + Send + Sync>
     })
 }
 
+/// Starts the host side of the vsock device: the hybrid Unix socket and its event thread.
+fn start_vsock_host(
+    config: &VmConfig,
+    devices: &Devices,
+) -> Result<Option<VsockUnixThread>, VmmError> {
+    let (Some(v), Some(transport)) = (&config.vsock, &devices.vsock) else {
+        return Ok(None);
+    };
+    let mut unix = vsock_unix::VsockUnixConfig::new(&v.uds);
+    unix.host_ports = v.host_ports.clone();
+    let backend = vsock_unix::VsockUnixBackend::new(unix, transport.clone())?;
+    Ok(Some(vsock_unix::spawn(backend)?))
+}
+
 impl Vmm {
     /// Builds the VM of `config`, ready to start: memory, kernel, initrd, boot parameters,
     /// ACPI tables, devices and vCPUs. Every input is checked here, before the guest runs.
@@ -243,6 +263,7 @@ impl Vmm {
         let (tx, rx) = mpsc::channel();
         let events = EventSender(tx);
         let devices = Devices::build(&vm, &config, &layout, None, power_callback(&events))?;
+        let vsock_host = start_vsock_host(&config, &devices)?;
 
         let cpuid = vm
             .kvm()
@@ -262,6 +283,7 @@ impl Vmm {
             layout,
             vm,
             devices,
+            vsock_host,
             vcpus,
             state: RunState::Created,
             cpuid,
@@ -375,14 +397,17 @@ impl Vmm {
         }
     }
 
-    /// Pauses the guest: every vCPU out of `KVM_RUN`. Block requests are served on the vCPU
-    /// threads, so once they stop the disks are quiet too.
+    /// Pauses the guest: every vCPU out of `KVM_RUN`, then the vsock event thread. Block
+    /// requests are served on the vCPU threads, so once they stop the disks are quiet too.
     pub fn pause(&mut self) -> Result<Duration, VmmError> {
         if self.state != RunState::Running {
             return Err(VmmError::WrongState(self.state));
         }
         let t = Instant::now();
         let result = self.park_vcpus();
+        if let Some(v) = &self.vsock_host {
+            v.pause();
+        }
         self.state = if result.is_ok() {
             RunState::Paused
         } else {
@@ -397,6 +422,9 @@ impl Vmm {
             return Err(VmmError::WrongState(self.state));
         }
         let t = Instant::now();
+        if let Some(v) = &self.vsock_host {
+            v.resume();
+        }
         self.spawn_vcpus()?;
         self.state = RunState::Running;
         Ok(t.elapsed())
@@ -408,7 +436,11 @@ impl Vmm {
             return Ok(());
         }
         self.state = RunState::Stopped;
-        self.park_vcpus()
+        let parked = self.park_vcpus();
+        if let Some(v) = self.vsock_host.take() {
+            v.stop()?;
+        }
+        parked
     }
 
     /// Captures the whole VM apart from memory contents. The VM must be paused.
@@ -457,6 +489,16 @@ impl Vmm {
             vcpu.restore_state(s)?;
             vcpus.push(VcpuSlot::Parked(vcpu));
         }
+        // The new host side resets the restored connections: host clients reconnect, as after
+        // a restore from a file.
+        if let Some(v) = self.vsock_host.take() {
+            v.stop()?;
+        }
+        let vsock_host = start_vsock_host(&state.config, &devices)?;
+        if let Some(v) = &vsock_host {
+            v.pause();
+        }
+        self.vsock_host = vsock_host;
         // The old vCPUs close before the old VM.
         self.vcpus = vcpus;
         self.devices = devices;

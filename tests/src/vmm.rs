@@ -1,0 +1,149 @@
+//! Runs Linux guests under ditto's own VMM (`ditto-vmm` from `$PATH`, or the library) inside
+//! the KVM test box: writable copies of the root image, the VMM process with its console in a
+//! file, waiting for console text, and a gRPC channel to the guest agent through the hybrid
+//! vsock socket.
+
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use ditto_host::devices::virtio::vsock::unix;
+use ditto_proto::agent::v1::agent_client::AgentClient;
+use tonic::transport::{Channel, Endpoint, Uri};
+
+/// The agent's vsock port in the guest image.
+pub const AGENT_PORT: u32 = 10240;
+/// The command line every test guest gets before its own part.
+pub const BASE_CMDLINE: &str = "console=ttyS0 quiet panic=-1 pci=off root=/dev/vda";
+
+/// Copies the image at `src` to `dst`, leaving all-zero MiBs as holes (the test images are
+/// mostly empty, and the box keeps `/tmp` in RAM).
+pub fn sparse_copy(src: &Path, dst: &Path) -> std::io::Result<()> {
+    let mut from = File::open(src)?;
+    let len = from.metadata()?.len();
+    let mut to = File::create(dst)?;
+    to.set_len(len)?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut at = 0u64;
+    while at < len {
+        let n = from.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        if buf[..n].iter().any(|b| *b != 0) {
+            to.seek(SeekFrom::Start(at))?;
+            to.write_all(&buf[..n])?;
+        }
+        at += n as u64;
+    }
+    to.sync_all()
+}
+
+/// A `ditto-vmm run` process, killed when dropped.
+pub struct VmmProcess {
+    child: Child,
+    /// The serial console file.
+    pub console: PathBuf,
+}
+
+impl Drop for VmmProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl VmmProcess {
+    /// Starts `ditto-vmm run` with the guest images of `images`, the root disk given as a
+    /// `--drive` value, console in `dir/console.log` and `extra` arguments.
+    pub fn spawn(images: &Path, root: &str, dir: &Path, cmdline: &str, extra: &[&str]) -> Self {
+        let console = dir.join("console.log");
+        let child = Command::new("ditto-vmm")
+            .arg("run")
+            .arg("--kernel")
+            .arg(images.join("vmlinuz"))
+            .arg("--initrd")
+            .arg(images.join("initramfs.img"))
+            .arg("--cmdline")
+            .arg(format!("{BASE_CMDLINE} {cmdline}"))
+            .arg("--drive")
+            .arg(root)
+            .arg("--console")
+            .arg(&console)
+            .args(extra)
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("start ditto-vmm (is it on PATH?)");
+        Self { child, console }
+    }
+
+    /// The console so far.
+    pub fn console_text(&self) -> String {
+        std::fs::read_to_string(&self.console).unwrap_or_default()
+    }
+
+    /// Waits until the console contains `needle`; panics with the console after `timeout` or
+    /// when the VMM ends first.
+    pub fn wait_for(&mut self, needle: &str, timeout: Duration) -> Duration {
+        let start = Instant::now();
+        loop {
+            if self.console_text().contains(needle) {
+                return start.elapsed();
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!(
+                    "ditto-vmm ended ({status}) before {needle:?}; console:\n{}",
+                    self.console_text()
+                );
+            }
+            assert!(
+                start.elapsed() < timeout,
+                "no {needle:?} within {timeout:?}; console:\n{}",
+                self.console_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits for the VMM to end.
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                return status;
+            }
+            assert!(
+                start.elapsed() < timeout,
+                "ditto-vmm still running after {timeout:?}; console:\n{}",
+                self.console_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// A gRPC client of the guest agent, connected through the hybrid vsock socket `uds`
+/// (`CONNECT <port>` then `OK`).
+pub async fn agent_over_hybrid_vsock(uds: PathBuf, port: u32) -> AgentClient<Channel> {
+    let channel = Endpoint::from_static("http://guest-agent")
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let uds = uds.clone();
+            async move {
+                let stream = tokio::task::spawn_blocking(move || {
+                    unix::connect(&uds, port, Duration::from_secs(10))
+                })
+                .await
+                .map_err(std::io::Error::other)?
+                .map_err(std::io::Error::other)?;
+                stream.set_nonblocking(true)?;
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                    tokio::net::UnixStream::from_std(stream)?,
+                ))
+            }
+        }))
+        .await
+        .expect("agent channel over the hybrid vsock socket");
+    AgentClient::new(channel)
+}

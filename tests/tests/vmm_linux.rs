@@ -1,0 +1,278 @@
+//! Linux guests under ditto's own VMM, in the KVM test box: boot with 2 vCPUs and 512 MiB to a
+//! serving agent, ext4 root writes that reach the disk image, the agent's Info and Scan over
+//! the hybrid vsock socket, pause and resume through the control socket, poweroff ending the
+//! VMM with status 0, two VMs at once, and a capture → rebuild → resume round trip in one
+//! process.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use ditto_host::control::{VmState, VmmClient};
+use ditto_host::vmm::config::{Console, DEFAULT_CMDLINE, VmConfig};
+use ditto_host::vmm::{Vmm, VmmState};
+use ditto_proto::agent::v1::{ExecRequest, InfoRequest, ScanRequest, scan_chunk};
+use ditto_tests::microvm::images_dir;
+use ditto_tests::vmm::{AGENT_PORT, VmmProcess, agent_over_hybrid_vsock, sparse_copy};
+
+const BOOT: Duration = Duration::from_secs(180);
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+fn writable_root(dir: &Path) -> PathBuf {
+    let root = dir.join("rootfs.ext4");
+    sparse_copy(&images_dir().expect("images").join("rootfs.ext4"), &root).expect("root copy");
+    root
+}
+
+async fn exec(
+    agent: &mut ditto_proto::agent::v1::agent_client::AgentClient<tonic::transport::Channel>,
+    script: &str,
+) -> String {
+    let reply = agent
+        .exec(ExecRequest {
+            program: "/bin/sh".into(),
+            args: vec!["-c".into(), script.into()],
+            ..Default::default()
+        })
+        .await
+        .expect("exec")
+        .into_inner();
+    assert_eq!(reply.exit_code, 0, "{script}: {reply:?}");
+    String::from_utf8_lossy(&reply.stdout).into_owned()
+}
+
+fn uptime(text: &str) -> f64 {
+    text.split_whitespace()
+        .next()
+        .and_then(|t| t.parse().ok())
+        .unwrap_or_else(|| panic!("not an uptime: {text:?}"))
+}
+
+#[test]
+#[ignore = "boots Linux: runs in the KVM test box"]
+fn guest_boots_writes_its_disk_serves_the_agent_pauses_and_powers_off() {
+    let images = images_dir().expect("images");
+    let dir = tempfile::tempdir().expect("tmp");
+    let root = writable_root(dir.path());
+    let uds = dir.path().join("vsock.sock");
+    let control = dir.path().join("control.sock");
+    let started = Instant::now();
+    let mut vmm = VmmProcess::spawn(
+        &images,
+        &format!("id=root,path={}", root.display()),
+        dir.path(),
+        "rw",
+        &[
+            "--vcpus",
+            "2",
+            "--mem-mib",
+            "512",
+            "--vsock-cid",
+            "3",
+            "--vsock-uds",
+            uds.to_str().expect("utf8"),
+            "--control",
+            control.to_str().expect("utf8"),
+        ],
+    );
+    vmm.wait_for("ditto-agent serving", BOOT);
+    println!(
+        "measured: ditto-vmm start to agent serving: {:.2} s",
+        started.elapsed().as_secs_f64()
+    );
+
+    let token = format!("ditto-e2e-{}", std::process::id());
+    runtime().block_on(async {
+        let mut agent = agent_over_hybrid_vsock(uds.clone(), AGENT_PORT).await;
+        let info = agent.info(InfoRequest {}).await.expect("info").into_inner();
+        assert!(info.kernel_release.contains("cloud-amd64"), "{info:?}");
+        let cpus = exec(&mut agent, "grep -c ^processor /proc/cpuinfo").await;
+        assert_eq!(cpus.trim(), "2");
+        let mem_kib: u64 = exec(&mut agent, "awk '/MemTotal/ {print $2}' /proc/meminfo")
+            .await
+            .trim()
+            .parse()
+            .expect("MemTotal");
+        assert!((400_000..=524_288).contains(&mem_kib), "{mem_kib} KiB");
+
+        // ext4 over virtio-blk: write, sync, drop the cache, read back from the disk.
+        let read = exec(
+            &mut agent,
+            &format!(
+                "echo {token} > /root/e2e && sync && echo 3 > /proc/sys/vm/drop_caches && \
+                 cat /root/e2e"
+            ),
+        )
+        .await;
+        assert_eq!(read.trim(), token);
+
+        let mut scan = agent
+            .scan(ScanRequest::default())
+            .await
+            .expect("scan")
+            .into_inner();
+        let mut summary = None;
+        while let Some(chunk) = scan.message().await.expect("scan chunk") {
+            if let Some(scan_chunk::Body::Summary(s)) = chunk.body {
+                summary = Some(s);
+            }
+        }
+        let summary = summary.expect("scan summary");
+        assert!(summary.pages_reported > 0, "{summary:?}");
+
+        // Pause for two seconds through the control socket; the guest carries on after.
+        let client = VmmClient::connect(&control).await.expect("control");
+        let before = uptime(&exec(&mut agent, "cat /proc/uptime").await);
+        let paused = client.pause().await.expect("pause");
+        assert_eq!(paused.state, VmState::Paused);
+        assert!(client.pause().await.is_err(), "pausing twice is refused");
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert_eq!(
+            client.status().await.expect("status").state,
+            VmState::Paused
+        );
+        let resumed = client.resume().await.expect("resume");
+        assert_eq!(resumed.state, VmState::Running);
+        println!(
+            "measured: pause {} us, resume {} us",
+            paused.elapsed.as_micros(),
+            resumed.elapsed.as_micros()
+        );
+        let after = uptime(&exec(&mut agent, "cat /proc/uptime").await);
+        assert!(after > before, "uptime {before} then {after}");
+
+        exec(
+            &mut agent,
+            "setsid sh -c 'sleep 1; poweroff -f' </dev/null >/dev/null 2>&1 &",
+        )
+        .await;
+    });
+    let status = vmm.wait_exit(Duration::from_secs(60));
+    assert!(status.success(), "ditto-vmm: {status}");
+
+    // The write reached the disk image: the token is in one of its blocks (the guest only ever
+    // had it in the file it wrote; ext4's ordered mode does not journal data).
+    assert!(
+        image_contains(&root, token.as_bytes()),
+        "{token} not on the image"
+    );
+}
+
+fn image_contains(image: &Path, needle: &[u8]) -> bool {
+    use std::io::Read;
+    let mut file = std::fs::File::open(image).expect("image");
+    let mut buf = vec![0u8; 1 << 20];
+    let mut carry: Vec<u8> = Vec::new();
+    loop {
+        let n = file.read(&mut buf).expect("read image");
+        if n == 0 {
+            return false;
+        }
+        carry.extend_from_slice(&buf[..n]);
+        if carry.windows(needle.len()).any(|w| w == needle) {
+            return true;
+        }
+        let keep = carry.len().saturating_sub(needle.len());
+        carry.drain(..keep);
+    }
+}
+
+#[test]
+#[ignore = "boots Linux: runs in the KVM test box"]
+fn two_vms_run_at_once() {
+    let images = images_dir().expect("images");
+    let root = format!("id=root,path={},ro", images.join("rootfs.ext4").display());
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().expect("tmp")).collect();
+    let mut vms: Vec<_> = dirs
+        .iter()
+        .enumerate()
+        .map(|(i, dir)| {
+            let cmdline = format!(
+                "ro init=/bin/sh -- -c \"mount -t proc proc /proc; echo vm-{i} says hi; \
+                 sleep 2; poweroff -f\""
+            );
+            VmmProcess::spawn(&images, &root, dir.path(), &cmdline, &["--mem-mib", "256"])
+        })
+        .collect();
+    for (i, vm) in vms.iter_mut().enumerate() {
+        vm.wait_for(&format!("vm-{i} says hi"), BOOT);
+    }
+    for (i, vm) in vms.iter_mut().enumerate() {
+        assert!(vm.wait_exit(Duration::from_secs(60)).success());
+        assert!(!vm.console_text().contains(&format!("vm-{} says hi", 1 - i)));
+    }
+}
+
+/// Pause, capture every piece of state into plain structs (and through JSON), build a fresh KVM
+/// VM from them over the same memory, resume: the guest's clock and its loop keep going.
+#[test]
+#[ignore = "boots Linux: runs in the KVM test box"]
+fn captured_state_rebuilds_a_vm_that_continues() {
+    let images = images_dir().expect("images");
+    let dir = tempfile::tempdir().expect("tmp");
+    let console = dir.path().join("console.log");
+    let config = VmConfig {
+        kernel: images.join("vmlinuz"),
+        initrd: Some(images.join("initramfs.img")),
+        cmdline: format!(
+            "{DEFAULT_CMDLINE} quiet root=/dev/vda ro init=/bin/sh -- -c \"mount -t proc proc \
+             /proc; while true; do echo tick $(cut -d. -f1 /proc/uptime); sleep 0.3; done\""
+        ),
+        virtio_mmio_cmdline: false,
+        vcpus: 2,
+        mem_mib: 256,
+        drives: vec![
+            ditto_host::vmm::config::parse_drive(&format!(
+                "id=root,path={},ro",
+                images.join("rootfs.ext4").display()
+            ))
+            .expect("drive"),
+        ],
+        vsock: None,
+        console: Console::File(console.clone()),
+    };
+    let (mut vmm, events) = Vmm::build(config).expect("build");
+    vmm.start().expect("start");
+    let ticks = || {
+        std::fs::read_to_string(&console)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.strip_prefix("tick "))
+            .filter_map(|t| t.trim().parse::<u64>().ok())
+            .collect::<Vec<_>>()
+    };
+    let wait_ticks = |n: usize| {
+        let start = Instant::now();
+        while ticks().len() < n {
+            assert!(
+                start.elapsed() < BOOT,
+                "console:\n{}",
+                std::fs::read_to_string(&console).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    wait_ticks(3);
+    assert!(vmm.capture().is_err(), "capture needs a paused VM");
+    vmm.pause().expect("pause");
+    let seen = ticks();
+    let state = vmm.capture().expect("capture");
+    let json = serde_json::to_string(&state).expect("serialise");
+    let decoded: VmmState = serde_json::from_str(&json).expect("deserialise");
+    vmm.rebuild_from(&decoded).expect("rebuild");
+    vmm.resume().expect("resume");
+    wait_ticks(seen.len() + 5);
+    let after = ticks();
+    assert!(
+        after.last() >= seen.last(),
+        "uptime went back: {seen:?} then {after:?}"
+    );
+    vmm.check_alive().expect("vCPU threads alive");
+    vmm.stop().expect("stop");
+    drop(events);
+}
