@@ -14,9 +14,9 @@ ln -sf /usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2 /lib64/ld-linux-x86-64.so.
 export LD_LIBRARY_PATH=/usr/lib/x86_64-linux-gnu
 
 dd if=/dev/urandom of="$work/data.img" bs=1M count="$mib" 2>/dev/null
-# Two cold reads of the whole data disk (the guest's cache dropped before each); busybox dd
-# prints "N bytes (...) copied, T seconds, R/s".
-guest="mount -t proc proc /proc; for i in 1 2; do echo 3 > /proc/sys/vm/drop_caches; dd if=/dev/vdb of=/dev/null bs=1M 2>&1 | grep copied; done; poweroff -f"
+# Two cold reads of the whole data disk (the guest's cache dropped before each), timed with the
+# guest's /proc/uptime (busybox dd prints no rate).
+guest='mount -t proc proc /proc; for i in 1 2; do echo 3 > /proc/sys/vm/drop_caches; read a x < /proc/uptime; dd if=/dev/vdb of=/dev/null bs=1M 2>/dev/null; read b x < /proc/uptime; echo ddtime $a $b; done; poweroff -f'
 cmdline="console=ttyS0 quiet panic=-1 root=/dev/vda ro init=/bin/sh -- -c \"$guest\""
 
 ditto-vmm run --kernel "$img/vmlinuz" --initrd "$img/initramfs.img" --cmdline "$cmdline pci=off" \
@@ -31,7 +31,7 @@ ditto-vmm run --kernel "$img/vmlinuz" --initrd "$img/initramfs.img" --cmdline "$
 	-device virtio-blk-device,drive=data >"$work/qemu.log" 2>&1
 
 # Seconds of each read; throughput from the byte count.
-secs() { grep copied "$1" | sed 's/.*copied, \([0-9.]*\) seconds.*/\1/'; }
+secs() { grep '^ddtime' "$1" | awk '{ printf "%.2f\n", $3 - $2 }'; }
 bytes=$((mib * 1048576))
 echo "ditto-vmm reads (s): $(secs "$work/ditto.log" | tr '\n' ' ')"
 echo "qemu reads (s):      $(secs "$work/qemu.log" | tr '\n' ' ')"
