@@ -182,11 +182,10 @@ impl Devices {
         {
             return Err(DevicesError::Mismatch("device count"));
         }
-        let mut slots = layout.devices.iter().copied().enumerate();
+        let mut slots = layout.devices.iter().copied();
         let mut next_slot = || {
             slots
                 .next()
-                .map(|(_, s)| s)
                 .ok_or(DevicesError::NoSlot(layout.devices.len()))
         };
         let mut blocks = Vec::with_capacity(config.drives.len());

@@ -17,65 +17,27 @@ pub const COM1_IRQ: u32 = 4;
 /// Number of ports the UART decodes.
 pub const PORT_COUNT: u64 = 8;
 
-/// The UART's registers and pending input: vm-superio's `SerialState`, serialisable. (Its
-/// companion crate vm-superio-ser pins vm-superio 0.8.1, which lacks the THRE re-assertion on
-/// IER writes that Linux's 8250 driver needs to transmit from userspace.)
+/// The UART's registers and pending input, serialisable: vm-superio's `SerialState` through a
+/// serde remote definition. (Its companion crate vm-superio-ser pins vm-superio 0.8.1, which
+/// lacks the THRE re-assertion on IER writes that Linux's 8250 driver needs to transmit from
+/// userspace.)
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SerialConsoleState {
-    /// Divisor latch, low byte.
-    pub baud_divisor_low: u8,
-    /// Divisor latch, high byte.
-    pub baud_divisor_high: u8,
-    /// Interrupt enable register.
-    pub interrupt_enable: u8,
-    /// Interrupt identification register.
-    pub interrupt_identification: u8,
-    /// Line control register.
-    pub line_control: u8,
-    /// Line status register.
-    pub line_status: u8,
-    /// Modem control register.
-    pub modem_control: u8,
-    /// Modem status register.
-    pub modem_status: u8,
-    /// Scratch register.
-    pub scratch: u8,
-    /// Received bytes not yet read by the guest.
-    pub in_buffer: Vec<u8>,
-}
+pub struct SerialConsoleState(#[serde(with = "SerialStateDef")] pub SerialState);
 
-impl From<&SerialState> for SerialConsoleState {
-    fn from(s: &SerialState) -> Self {
-        Self {
-            baud_divisor_low: s.baud_divisor_low,
-            baud_divisor_high: s.baud_divisor_high,
-            interrupt_enable: s.interrupt_enable,
-            interrupt_identification: s.interrupt_identification,
-            line_control: s.line_control,
-            line_status: s.line_status,
-            modem_control: s.modem_control,
-            modem_status: s.modem_status,
-            scratch: s.scratch,
-            in_buffer: s.in_buffer.clone(),
-        }
-    }
-}
-
-impl From<&SerialConsoleState> for SerialState {
-    fn from(s: &SerialConsoleState) -> Self {
-        Self {
-            baud_divisor_low: s.baud_divisor_low,
-            baud_divisor_high: s.baud_divisor_high,
-            interrupt_enable: s.interrupt_enable,
-            interrupt_identification: s.interrupt_identification,
-            line_control: s.line_control,
-            line_status: s.line_status,
-            modem_control: s.modem_control,
-            modem_status: s.modem_status,
-            scratch: s.scratch,
-            in_buffer: s.in_buffer.clone(),
-        }
-    }
+/// The serde shape of [`SerialState`].
+#[derive(Serialize, Deserialize)]
+#[serde(remote = "SerialState")]
+struct SerialStateDef {
+    baud_divisor_low: u8,
+    baud_divisor_high: u8,
+    interrupt_enable: u8,
+    interrupt_identification: u8,
+    line_control: u8,
+    line_status: u8,
+    modem_control: u8,
+    modem_status: u8,
+    scratch: u8,
+    in_buffer: Vec<u8>,
 }
 
 /// Adapts an [`Interrupt`] line to vm-superio's trigger.
@@ -114,13 +76,13 @@ impl SerialConsole {
         irq: Box<dyn Interrupt>,
         out: Box<dyn Write + Send>,
     ) -> Result<Self, vm_superio::serial::Error<std::io::Error>> {
-        let serial = Serial::from_state(&SerialState::from(state), SerialIrq(irq), NoEvents, out)?;
+        let serial = Serial::from_state(&state.0, SerialIrq(irq), NoEvents, out)?;
         Ok(Self { serial })
     }
 
     /// The UART's registers and pending input, serialisable.
     pub fn state(&self) -> SerialConsoleState {
-        SerialConsoleState::from(&self.serial.state())
+        SerialConsoleState(self.serial.state())
     }
 
     /// Queues input bytes for the guest (as if typed); returns how many fit in the FIFO.
@@ -243,5 +205,24 @@ mod tests {
             .read_obj::<u32>(GuestAddress(0x3004))
             .expect("magic");
         assert_eq!(magic, 0x7472_6976, "virtio-mmio magic through an MMIO exit");
+    }
+
+    #[test]
+    fn registers_and_pending_input_survive_capture_json_and_restore() {
+        let irq = || Box::new(EventFd::new(libc::EFD_NONBLOCK).expect("eventfd"));
+        let mut uart = SerialConsole::new(irq(), Box::new(std::io::sink()));
+        uart.write(7, &[0x5a]); // scratch register
+        uart.write(3, &[0x03]); // line control: 8 bits
+        uart.enqueue_input(b"hi");
+        let json = serde_json::to_string(&uart.state()).expect("serialise");
+        let state: SerialConsoleState = serde_json::from_str(&json).expect("deserialise");
+        assert_eq!(state, uart.state());
+        let mut restored =
+            SerialConsole::restore(&state, irq(), Box::new(std::io::sink())).expect("restore");
+        let mut byte = [0];
+        restored.read(7, &mut byte);
+        assert_eq!(byte, [0x5a]);
+        restored.read(0, &mut byte);
+        assert_eq!(byte, [b'h'], "pending input carried over");
     }
 }
