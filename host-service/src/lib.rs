@@ -12,10 +12,21 @@
 //! - [`vmm`]: one VM assembled from its configuration, started, paused, resumed, captured and
 //!   rebuilt; the `ditto-vmm` binary drives it.
 //! - [`control`]: the control endpoint (`ditto.vmm.v1.VmmControl` on a Unix socket).
+//! - [`agent`]: the host's client of the guest agent, through the hybrid vsock socket.
+//! - [`daemon`]: `dittod`, the orchestration daemon (`ditto.host.v1.Host`): a registry of VMs
+//!   in a state directory, one supervised `ditto-vmm` process per running VM.
+//! - [`cli`]: `dittoctl`'s client and output formatting.
+//! - [`atomic_file`]: files replaced atomically (records, exit files).
+//! - [`unix_socket`]: owner-only Unix socket files, shared by the servers.
 
 pub mod acpi;
+pub mod agent;
+pub mod atomic_file;
 pub mod boot;
+pub mod cli;
 pub mod control;
+pub mod daemon;
 pub mod devices;
 pub mod kvm;
+pub mod unix_socket;
 pub mod vmm;

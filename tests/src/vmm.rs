@@ -9,12 +9,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use ditto_host::devices::virtio::vsock::unix;
 use ditto_proto::agent::v1::agent_client::AgentClient;
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::Channel;
 
-/// The agent's vsock port in the guest image.
-pub const AGENT_PORT: u32 = 10240;
+pub use ditto_host::agent::AGENT_PORT;
 /// The command line every test guest gets before its own part.
 pub const BASE_CMDLINE: &str = "console=ttyS0 quiet panic=-1 pci=off root=/dev/vda";
 
@@ -125,25 +123,9 @@ impl VmmProcess {
 }
 
 /// A gRPC client of the guest agent, connected through the hybrid vsock socket `uds`
-/// (`CONNECT <port>` then `OK`).
+/// (`CONNECT <port>` then `OK`); panics when the agent cannot be reached.
 pub async fn agent_over_hybrid_vsock(uds: PathBuf, port: u32) -> AgentClient<Channel> {
-    let channel = Endpoint::from_static("http://guest-agent")
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let uds = uds.clone();
-            async move {
-                let stream = tokio::task::spawn_blocking(move || {
-                    unix::connect(&uds, port, Duration::from_secs(10))
-                })
-                .await
-                .map_err(std::io::Error::other)?
-                .map_err(std::io::Error::other)?;
-                stream.set_nonblocking(true)?;
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                    tokio::net::UnixStream::from_std(stream)?,
-                ))
-            }
-        }))
+    ditto_host::agent::connect(&uds, port, Duration::from_secs(10))
         .await
-        .expect("agent channel over the hybrid vsock socket");
-    AgentClient::new(channel)
+        .expect("agent channel over the hybrid vsock socket")
 }

@@ -1,17 +1,17 @@
 //! `ditto-vmm`: one process, one VM. `ditto-vmm run …` builds the VM (every input checked before
 //! the guest starts), runs it until the guest powers off or reboots (exit status 0), a signal or
-//! the control socket asks it to end (0), or the guest fails (1).
+//! the control socket asks it to end (0), or the guest fails (1). With `--exit-file` it writes
+//! why it ended there as it exits (see `ditto_host::vmm::exit_file`).
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use ditto_host::control::ControlSocket;
-use ditto_host::devices::virtio::block::BlockConfig;
-use ditto_host::vmm::config::{self, Console, VmConfig, VsockConfig};
+use ditto_host::vmm::config::RunArgs;
 use ditto_host::vmm::control::VmmControl;
+use ditto_host::vmm::exit_file::ExitRecord;
 use ditto_host::vmm::{ExitReason, Vmm};
 
 #[derive(Parser)]
@@ -24,73 +24,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Boots a Linux guest and runs it until it powers off.
-    Run(RunArgs),
-}
-
-#[derive(clap::Args)]
-struct RunArgs {
-    /// The guest kernel (bzImage).
-    #[arg(long)]
-    kernel: PathBuf,
-    /// The initrd.
-    #[arg(long)]
-    initrd: Option<PathBuf>,
-    /// The kernel command line.
-    #[arg(long, default_value = config::DEFAULT_CMDLINE)]
-    cmdline: String,
-    /// Also describe the virtio-mmio devices with `virtio_mmio.device=` (for kernels built with
-    /// that option; ACPI always describes them).
-    #[arg(long)]
-    virtio_mmio_cmdline: bool,
-    /// Number of vCPUs.
-    #[arg(long, default_value_t = 1)]
-    vcpus: u8,
-    /// Guest RAM in MiB.
-    #[arg(long, default_value_t = 256)]
-    mem_mib: u64,
-    /// A disk: `id=ID,path=PATH[,ro]`; the id is the serial the guest sees. Repeatable.
-    #[arg(long = "drive", value_parser = config::parse_drive)]
-    drives: Vec<BlockConfig>,
-    /// The guest's vsock context id (needs --vsock-uds).
-    #[arg(long, requires = "vsock_uds")]
-    vsock_cid: Option<u64>,
-    /// The Unix socket host programs connect to (`CONNECT <port>\n`); guest connections to host
-    /// port P go to `<PATH>_P`.
-    #[arg(long, requires = "vsock_cid")]
-    vsock_uds: Option<PathBuf>,
-    /// Where the serial console goes: `stdout`, `off` or a file.
-    #[arg(long, default_value = "stdout")]
-    console: Console,
-    /// A host port the guest may connect to over vsock, served by `<--vsock-uds>_PORT`.
-    /// Repeatable.
-    #[arg(long = "vsock-host-port", requires = "vsock_uds")]
-    vsock_host_ports: Vec<u32>,
-    /// The control socket (status, pause, resume, shutdown, vsock connections).
-    #[arg(long)]
-    control: Option<PathBuf>,
-}
-
-impl RunArgs {
-    fn config(&self) -> VmConfig {
-        VmConfig {
-            kernel: self.kernel.clone(),
-            initrd: self.initrd.clone(),
-            cmdline: self.cmdline.clone(),
-            virtio_mmio_cmdline: self.virtio_mmio_cmdline,
-            vcpus: self.vcpus,
-            mem_mib: self.mem_mib,
-            drives: self.drives.clone(),
-            vsock: self
-                .vsock_cid
-                .zip(self.vsock_uds.clone())
-                .map(|(cid, uds)| VsockConfig {
-                    cid,
-                    uds,
-                    host_ports: self.vsock_host_ports.clone(),
-                }),
-            console: self.console.clone(),
-        }
-    }
+    Run(Box<RunArgs>),
 }
 
 fn run(args: &RunArgs) -> Result<ExitReason> {
@@ -156,19 +90,28 @@ fn run(args: &RunArgs) -> Result<ExitReason> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Run(args) => match run(&args) {
-            Ok(reason) => {
-                eprintln!("ditto-vmm: VM ended: {reason:?}");
-                if reason.is_clean() {
-                    ExitCode::SUCCESS
-                } else {
-                    ExitCode::FAILURE
-                }
+        Command::Run(args) => {
+            let record = match run(&args) {
+                Ok(reason) => ExitRecord {
+                    clean: reason.is_clean(),
+                    reason: reason.to_string(),
+                },
+                Err(e) => ExitRecord {
+                    clean: false,
+                    reason: format!("{e:#}"),
+                },
+            };
+            eprintln!("ditto-vmm: VM ended: {}", record.reason);
+            if let Some(path) = &args.exit_file
+                && let Err(e) = record.write(path)
+            {
+                eprintln!("ditto-vmm: cannot write {}: {e}", path.display());
             }
-            Err(e) => {
-                eprintln!("ditto-vmm: {e:#}");
+            if record.clean {
+                ExitCode::SUCCESS
+            } else {
                 ExitCode::FAILURE
             }
-        },
+        }
     }
 }

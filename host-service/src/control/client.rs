@@ -16,7 +16,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
 use tokio_util::io::StreamReader;
 use tokio_util::sync::PollSender;
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::Channel;
 
 use super::convert::InvalidReply;
 use super::handle::{StateChange, VmStatus};
@@ -54,21 +54,12 @@ impl ClientError {
 
 /// A channel to the control socket at `path`.
 pub(crate) async fn channel(path: &Path) -> Result<Channel, ClientError> {
-    let connect_error = |source| ClientError::Connect {
-        path: path.to_owned(),
-        source,
-    };
-    let socket = path.to_owned();
-    Endpoint::from_static("http://vmm.invalid")
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let socket = socket.clone();
-            async move {
-                let stream = tokio::net::UnixStream::connect(socket).await?;
-                Ok::<_, io::Error>(hyper_util::rt::TokioIo::new(stream))
-            }
-        }))
+    crate::unix_socket::channel(path)
         .await
-        .map_err(connect_error)
+        .map_err(|source| ClientError::Connect {
+            path: path.to_owned(),
+            source,
+        })
 }
 
 /// A client of one VMM's control socket. Cloning is cheap and shares the connection.

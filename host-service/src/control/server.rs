@@ -7,7 +7,6 @@
 //! the server stops; calls still running after [`SHUTDOWN_GRACE`] are dropped.
 
 use std::io;
-use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -16,13 +15,13 @@ use ditto_proto::vmm::v1 as pb;
 use pb::connect_vsock_request::Body;
 use pb::vmm_control_server::{VmmControl, VmmControlServer};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::UnixListener;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::{ReceiverStream, UnixListenerStream};
 use tonic::{Request, Response, Status, Streaming};
 
 use super::handle::{StateChange, VmState, VmmError, VmmHandle};
+use crate::unix_socket::{BindError, OwnerOnlySocket};
 
 /// Most bytes one tunnel message carries.
 pub const TUNNEL_CHUNK: usize = 64 * 1024;
@@ -58,20 +57,12 @@ pub enum ServeError {
     },
 }
 
-/// Removes the socket file when dropped, if the path still names the socket bound here.
-#[derive(Debug)]
-struct SocketFile {
-    path: PathBuf,
-    dev: u64,
-    ino: u64,
-}
-
-impl Drop for SocketFile {
-    fn drop(&mut self) {
-        if std::fs::symlink_metadata(&self.path)
-            .is_ok_and(|m| m.file_type().is_socket() && m.dev() == self.dev && m.ino() == self.ino)
-        {
-            let _ = std::fs::remove_file(&self.path);
+impl From<BindError> for ServeError {
+    fn from(e: BindError) -> Self {
+        match e {
+            BindError::NotASocket(path) => Self::NotASocket(path),
+            BindError::InUse(path) => Self::InUse(path),
+            BindError::Io { path, source } => Self::Bind { path, source },
         }
     }
 }
@@ -79,8 +70,7 @@ impl Drop for SocketFile {
 /// A bound control socket, not yet served. Dropping it removes the socket file.
 #[derive(Debug)]
 pub struct ControlSocket {
-    listener: UnixListener,
-    file: SocketFile,
+    socket: OwnerOnlySocket,
 }
 
 impl ControlSocket {
@@ -88,39 +78,14 @@ impl ControlSocket {
     /// accepts on it) is replaced; a live one is [`ServeError::InUse`], anything else at the path
     /// is [`ServeError::NotASocket`]. Must be called inside a tokio runtime.
     pub fn bind(path: &Path) -> Result<Self, ServeError> {
-        let bind_error = |source| ServeError::Bind {
-            path: path.to_owned(),
-            source,
-        };
-        match std::fs::symlink_metadata(path) {
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(bind_error(e)),
-            Ok(m) if !m.file_type().is_socket() => {
-                return Err(ServeError::NotASocket(path.to_owned()));
-            }
-            Ok(_) => match std::os::unix::net::UnixStream::connect(path) {
-                Ok(_) => return Err(ServeError::InUse(path.to_owned())),
-                Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
-                    std::fs::remove_file(path).map_err(bind_error)?;
-                }
-                Err(e) => return Err(bind_error(e)),
-            },
-        }
-        let listener = UnixListener::bind(path).map_err(bind_error)?;
-        let meta = std::fs::symlink_metadata(path).map_err(bind_error)?;
-        let file = SocketFile {
-            path: path.to_owned(),
-            dev: meta.dev(),
-            ino: meta.ino(),
-        };
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-            .map_err(bind_error)?;
-        Ok(Self { listener, file })
+        Ok(Self {
+            socket: OwnerOnlySocket::bind(path)?,
+        })
     }
 
     /// The socket's path.
     pub fn path(&self) -> &Path {
-        &self.file.path
+        self.socket.path()
     }
 
     /// Serves `handle` until `shutdown` completes, then removes the socket file.
@@ -129,7 +94,7 @@ impl ControlSocket {
         handle: Arc<dyn VmmHandle>,
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), ServeError> {
-        let Self { listener, file } = self;
+        let (listener, file) = self.socket.into_parts();
         let (stop_tx, stop) = watch::channel(false);
         let mut stopped = stop.clone();
         let service = ControlService { handle, stop };
@@ -146,7 +111,7 @@ impl ControlSocket {
         };
         let result = tokio::select! {
             result = server => result.map_err(|source| ServeError::Serve {
-                path: file.path.clone(),
+                path: file.path().to_owned(),
                 source,
             }),
             () = grace_over => Ok(()),

@@ -2,7 +2,12 @@
 //! line, vCPUs, memory, drives, vsock, console and control socket. Parsing and the checks that
 //! need no resources live here; everything else (files, memory, KVM) is checked when the VM is
 //! built, before the guest starts.
+//!
+//! [`MachineArgs`] are the machine flags `ditto-vmm run` and `dittoctl create` share;
+//! [`RunArgs`] is the whole `ditto-vmm run` command line, and [`VmConfig::run_args`] writes a
+//! configuration back as one (what `dittod` starts its VMMs with).
 
+use std::ffi::OsString;
 use std::path::PathBuf;
 use std::str::FromStr;
 
@@ -13,6 +18,9 @@ use crate::devices::virtio::block::{BlockConfig, ID_BYTES};
 /// The command line used when none is given: serial console, no PCI probing, reboot and panic
 /// end the VM.
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=acpi panic=-1 pci=off";
+
+/// Guest RAM when none is given, in MiB.
+pub const DEFAULT_MEM_MIB: u64 = 256;
 
 /// Most vCPUs a VM may have.
 pub const MAX_VCPUS: u8 = 254;
@@ -37,6 +45,98 @@ pub enum ConfigError {
     /// The vsock context id is reserved.
     #[error("vsock cid {0} is reserved (need 3 or more, below 2^32 - 1)")]
     Cid(u64),
+}
+
+/// The machine: what `ditto-vmm run` and `dittoctl create` both take.
+#[derive(clap::Args, Clone, Debug, PartialEq, Eq)]
+pub struct MachineArgs {
+    /// The guest kernel (bzImage).
+    #[arg(long)]
+    pub kernel: PathBuf,
+    /// The initrd.
+    #[arg(long)]
+    pub initrd: Option<PathBuf>,
+    /// The kernel command line.
+    #[arg(long, default_value = DEFAULT_CMDLINE)]
+    pub cmdline: String,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 1)]
+    pub vcpus: u8,
+    /// Guest RAM in MiB.
+    #[arg(long, default_value_t = DEFAULT_MEM_MIB)]
+    pub mem_mib: u64,
+    /// A disk: `id=ID,path=PATH[,ro]`; the id is the serial the guest sees. Repeatable.
+    #[arg(long = "drive", value_parser = parse_drive)]
+    pub drives: Vec<BlockConfig>,
+}
+
+/// The whole `ditto-vmm run` command line.
+#[derive(clap::Args, Clone, Debug)]
+pub struct RunArgs {
+    /// The machine.
+    #[command(flatten)]
+    pub machine: MachineArgs,
+    /// Also describe the virtio-mmio devices with `virtio_mmio.device=` (for kernels built with
+    /// that option; ACPI always describes them).
+    #[arg(long)]
+    pub virtio_mmio_cmdline: bool,
+    /// The guest's vsock context id (needs --vsock-uds).
+    #[arg(long, requires = "vsock_uds")]
+    pub vsock_cid: Option<u64>,
+    /// The Unix socket host programs connect to (`CONNECT <port>\n`); guest connections to
+    /// host port P go to `<PATH>_P`.
+    #[arg(long, requires = "vsock_cid")]
+    pub vsock_uds: Option<PathBuf>,
+    /// A host port the guest may connect to over vsock, served by `<--vsock-uds>_PORT`.
+    /// Repeatable.
+    #[arg(long = "vsock-host-port", requires = "vsock_uds")]
+    pub vsock_host_ports: Vec<u32>,
+    /// Where the serial console goes: `stdout`, `off` or a file.
+    #[arg(long, default_value = "stdout")]
+    pub console: Console,
+    /// The control socket (status, pause, resume, shutdown, vsock connections).
+    #[arg(long)]
+    pub control: Option<PathBuf>,
+    /// When the VMM ends, write why to this file (JSON: `clean`, `reason`), replacing it
+    /// atomically; a supervisor that is not the VMM's parent reads it there.
+    #[arg(long)]
+    pub exit_file: Option<PathBuf>,
+}
+
+impl RunArgs {
+    /// The VM these arguments describe.
+    pub fn config(&self) -> VmConfig {
+        let m = &self.machine;
+        VmConfig {
+            kernel: m.kernel.clone(),
+            initrd: m.initrd.clone(),
+            cmdline: m.cmdline.clone(),
+            virtio_mmio_cmdline: self.virtio_mmio_cmdline,
+            vcpus: m.vcpus,
+            mem_mib: m.mem_mib,
+            drives: m.drives.clone(),
+            vsock: self
+                .vsock_cid
+                .zip(self.vsock_uds.clone())
+                .map(|(cid, uds)| VsockConfig {
+                    cid,
+                    uds,
+                    host_ports: self.vsock_host_ports.clone(),
+                }),
+            console: self.console.clone(),
+        }
+    }
+}
+
+/// Writes a drive as `parse_drive` reads it: `id=ID,path=PATH[,ro]`. A path containing a
+/// comma cannot be written this way (and cannot be given on the command line either).
+pub fn drive_spec(drive: &BlockConfig) -> String {
+    format!(
+        "id={},path={}{}",
+        drive.id,
+        drive.path.display(),
+        if drive.read_only { ",ro" } else { "" }
+    )
 }
 
 /// Where the serial console writes.
@@ -100,6 +200,47 @@ pub struct VmConfig {
 }
 
 impl VmConfig {
+    /// This configuration as `ditto-vmm run` arguments (after `run`), without the control
+    /// socket and exit file, which belong to the process rather than the VM.
+    pub fn run_args(&self) -> Vec<OsString> {
+        let mut args: Vec<OsString> = vec!["--kernel".into(), self.kernel.clone().into()];
+        if let Some(initrd) = &self.initrd {
+            args.extend(["--initrd".into(), initrd.clone().into()]);
+        }
+        args.extend([
+            "--cmdline".into(),
+            self.cmdline.clone().into(),
+            "--vcpus".into(),
+            self.vcpus.to_string().into(),
+            "--mem-mib".into(),
+            self.mem_mib.to_string().into(),
+        ]);
+        if self.virtio_mmio_cmdline {
+            args.push("--virtio-mmio-cmdline".into());
+        }
+        for drive in &self.drives {
+            args.extend(["--drive".into(), drive_spec(drive).into()]);
+        }
+        if let Some(v) = &self.vsock {
+            args.extend([
+                "--vsock-cid".into(),
+                v.cid.to_string().into(),
+                "--vsock-uds".into(),
+                v.uds.clone().into(),
+            ]);
+            for port in &v.host_ports {
+                args.extend(["--vsock-host-port".into(), port.to_string().into()]);
+            }
+        }
+        args.push("--console".into());
+        args.push(match &self.console {
+            Console::Stdout => "stdout".into(),
+            Console::Off => "off".into(),
+            Console::File(path) => path.clone().into(),
+        });
+        args
+    }
+
     /// Checks what can be checked without touching files or KVM.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
@@ -171,6 +312,51 @@ mod tests {
             assert!(parse_drive(bad).is_err(), "{bad:?}");
         }
         assert!(parse_drive(&format!("id={},path=/a", "x".repeat(21))).is_err());
+    }
+
+    #[derive(clap::Parser)]
+    struct Run {
+        #[command(flatten)]
+        args: RunArgs,
+    }
+
+    #[test]
+    fn run_args_read_back_as_the_same_config() {
+        use clap::Parser;
+        let config = VmConfig {
+            kernel: "/k/vmlinuz".into(),
+            initrd: Some("/k/initrd".into()),
+            cmdline: "console=ttyS0 init=/bin/sh -- -c \"echo hi; sleep 1\"".into(),
+            virtio_mmio_cmdline: true,
+            vcpus: 3,
+            mem_mib: 768,
+            drives: vec![
+                parse_drive("id=root,path=/img/root fs.ext4,ro").expect("root"),
+                parse_drive("id=data,path=/img/d=1.img").expect("data"),
+            ],
+            vsock: Some(VsockConfig {
+                cid: 7,
+                uds: "/run/v.sock".into(),
+                host_ports: vec![5000, 6000],
+            }),
+            console: Console::File("/run/console.log".into()),
+        };
+        let argv = std::iter::once(OsString::from("run")).chain(config.run_args());
+        let parsed = Run::try_parse_from(argv).expect("parse");
+        assert_eq!(parsed.args.config(), config);
+        let bare = VmConfig {
+            initrd: None,
+            virtio_mmio_cmdline: false,
+            drives: vec![],
+            vsock: None,
+            console: Console::Off,
+            ..config
+        };
+        let argv = std::iter::once(OsString::from("run")).chain(bare.run_args());
+        assert_eq!(
+            Run::try_parse_from(argv).expect("parse").args.config(),
+            bare
+        );
     }
 
     #[test]

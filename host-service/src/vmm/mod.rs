@@ -9,6 +9,7 @@
 pub mod config;
 pub mod control;
 pub mod devices;
+pub mod exit_file;
 
 use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
@@ -111,6 +112,18 @@ pub enum ExitReason {
     Requested,
     /// A vCPU failed; the guest cannot continue.
     Failed(String),
+}
+
+impl std::fmt::Display for ExitReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::PowerOff => f.write_str("the guest powered off"),
+            Self::Reset => f.write_str("the guest rebooted"),
+            Self::TripleFault { vcpu } => write!(f, "vCPU {vcpu} shut down (triple fault)"),
+            Self::Requested => f.write_str("the VMM was asked to end"),
+            Self::Failed(why) => write!(f, "a vCPU failed: {why}"),
+        }
+    }
 }
 
 impl ExitReason {
