@@ -44,6 +44,8 @@ pub struct VmmProcess {
     child: Child,
     /// The serial console file.
     pub console: PathBuf,
+    /// The VMM's standard error.
+    pub stderr: PathBuf,
 }
 
 impl Drop for VmmProcess {
@@ -55,9 +57,12 @@ impl Drop for VmmProcess {
 
 impl VmmProcess {
     /// Starts `ditto-vmm run` with the guest images of `images`, the root disk given as a
-    /// `--drive` value, console in `dir/console.log` and `extra` arguments.
+    /// `--drive` value, console in `dir/console.log`, standard error in `dir/vmm.stderr` and
+    /// `extra` arguments.
     pub fn spawn(images: &Path, root: &str, dir: &Path, cmdline: &str, extra: &[&str]) -> Self {
         let console = dir.join("console.log");
+        let stderr = dir.join("vmm.stderr");
+        let stderr_file = File::create(&stderr).expect("create the VMM's stderr file");
         let child = Command::new("ditto-vmm")
             .arg("run")
             .arg("--kernel")
@@ -72,14 +77,36 @@ impl VmmProcess {
             .arg(&console)
             .args(extra)
             .stdin(Stdio::null())
+            .stderr(stderr_file)
             .spawn()
             .expect("start ditto-vmm (is it on PATH?)");
-        Self { child, console }
+        Self {
+            child,
+            console,
+            stderr,
+        }
     }
 
     /// The console so far.
     pub fn console_text(&self) -> String {
         std::fs::read_to_string(&self.console).unwrap_or_default()
+    }
+
+    /// The console so far, followed by what the VMM wrote to standard error (for failure
+    /// messages).
+    pub fn transcript(&self) -> String {
+        let console = self.console_text();
+        let stderr = self.stderr_text();
+        if stderr.is_empty() {
+            console
+        } else {
+            format!("{console}\n--- ditto-vmm stderr ---\n{stderr}")
+        }
+    }
+
+    /// What the VMM wrote to standard error so far.
+    pub fn stderr_text(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
     }
 
     /// Waits until the console contains `needle`; panics with the console after `timeout` or
@@ -93,13 +120,13 @@ impl VmmProcess {
             if let Ok(Some(status)) = self.child.try_wait() {
                 panic!(
                     "ditto-vmm ended ({status}) before {needle:?}; console:\n{}",
-                    self.console_text()
+                    self.transcript()
                 );
             }
             assert!(
                 start.elapsed() < timeout,
                 "no {needle:?} within {timeout:?}; console:\n{}",
-                self.console_text()
+                self.transcript()
             );
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -115,7 +142,7 @@ impl VmmProcess {
             assert!(
                 start.elapsed() < timeout,
                 "ditto-vmm still running after {timeout:?}; console:\n{}",
-                self.console_text()
+                self.transcript()
             );
             std::thread::sleep(Duration::from_millis(50));
         }

@@ -1,8 +1,8 @@
 //! Linux guests under ditto's own VMM, in the KVM test box: boot with 2 vCPUs and 512 MiB to a
 //! serving agent, ext4 root writes that reach the disk image, the agent's Info and Scan over
 //! the hybrid vsock socket, pause and resume through the control socket, poweroff ending the
-//! VMM with status 0, two VMs at once, and a capture → rebuild → resume round trip in one
-//! process.
+//! VMM with status 0, reboot (every method a stock kernel uses) ending it with status 0 too, two
+//! VMs at once, and a capture → rebuild → resume round trip in one process.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -154,6 +154,11 @@ fn guest_boots_writes_its_disk_serves_the_agent_pauses_and_powers_off() {
     });
     let status = vmm.wait_exit(Duration::from_secs(60));
     assert!(status.success(), "ditto-vmm: {status}");
+    assert!(
+        vmm.stderr_text().contains("VM ended: PowerOff"),
+        "{}",
+        vmm.transcript()
+    );
 
     // The write reached the disk image: the token is in one of its blocks (the guest only ever
     // had it in the file it wrote; ext4's ordered mode does not journal data).
@@ -205,6 +210,31 @@ fn two_vms_run_at_once() {
     for (i, vm) in vms.iter_mut().enumerate() {
         assert!(vm.wait_exit(Duration::from_secs(60)).success());
         assert!(!vm.console_text().contains(&format!("vm-{} says hi", 1 - i)));
+    }
+}
+
+/// A stock kernel on a hardware-reduced ACPI platform without EFI reboots "through the BIOS"
+/// (a far jump to the reset vector) unless told `reboot=a`; both ways end the VMM cleanly as a
+/// reset, and so does the keyboard-controller method Firecracker's guests are told to use.
+#[test]
+#[ignore = "boots Linux: runs in the KVM test box"]
+fn guest_reboot_ends_the_vmm_cleanly() {
+    let images = images_dir().expect("images");
+    let root = format!("id=root,path={},ro", images.join("rootfs.ext4").display());
+    for method in ["", "reboot=a", "reboot=k"] {
+        let dir = tempfile::tempdir().expect("tmp");
+        let cmdline =
+            format!("{method} ro init=/bin/sh -- -c \"echo rebooting now; /sbin/reboot -f\"");
+        let mut vmm =
+            VmmProcess::spawn(&images, &root, dir.path(), &cmdline, &["--mem-mib", "256"]);
+        vmm.wait_for("rebooting now", BOOT);
+        let status = vmm.wait_exit(Duration::from_secs(60));
+        assert!(status.success(), "{method:?}: ditto-vmm {status}");
+        assert!(
+            vmm.stderr_text().contains("VM ended: Reset"),
+            "{method:?}: {}",
+            vmm.transcript()
+        );
     }
 }
 

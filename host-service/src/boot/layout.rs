@@ -48,8 +48,9 @@ pub const PML4_START: u64 = 0x9000;
 pub const PDPT_START: u64 = 0xa000;
 /// The boot page directory.
 pub const PD_START: u64 = 0xb000;
-/// End of the area ACPI tables may occupy (the RSDP comes first at [`RSDP_START`]).
-pub const ACPI_END: u64 = 0x10_0000;
+/// End of the area ACPI tables may occupy (the RSDP comes first at [`RSDP_START`]); the reset
+/// stub follows at the reset vector.
+pub const ACPI_END: u64 = super::reset_vector::RESET_VECTOR;
 /// Interrupt lines for virtio-mmio devices: IOAPIC pins 5..=23 (0-4 are the timer, keyboard,
 /// cascade and serial ports).
 pub const VIRTIO_IRQS: std::ops::RangeInclusive<u32> = 5..=23;

@@ -255,14 +255,21 @@ impl Vcpu {
     /// Puts the vCPU in real mode with all segment bases 0 and `ip` as the entry point (for tiny
     /// test payloads; Linux boot sets up long mode instead).
     pub fn set_real_mode_entry(&mut self, ip: u16) -> Result<(), VcpuError> {
+        self.set_real_mode_entry_at(0, ip)
+    }
+
+    /// Puts the vCPU in real mode at `segment:ip`: CS is `segment` (base `segment << 4`), the
+    /// data and stack segments are 0.
+    pub fn set_real_mode_entry_at(&mut self, segment: u16, ip: u16) -> Result<(), VcpuError> {
         let mut sregs = kvm("KVM_GET_SREGS", self.fd.get_sregs())?;
-        let segments = [&mut sregs.cs, &mut sregs.ds, &mut sregs.es];
+        let segments = [&mut sregs.ds, &mut sregs.es];
         for seg in segments
             .into_iter()
             .chain([&mut sregs.ss, &mut sregs.fs, &mut sregs.gs])
         {
             (seg.base, seg.selector) = (0, 0);
         }
+        (sregs.cs.base, sregs.cs.selector) = (u64::from(segment) << 4, segment);
         kvm("KVM_SET_SREGS", self.fd.set_sregs(&sregs))?;
         let mut regs = kvm("KVM_GET_REGS", self.fd.get_regs())?;
         regs.rip = u64::from(ip);

@@ -1,7 +1,7 @@
-//! The devices of one VM, wired up: the serial console and the power device on the port I/O
-//! bus, one virtio-mmio slot per drive and one for vsock on the MMIO bus, each interrupt an
-//! eventfd registered as a KVM irqfd. The whole set is captured into and rebuilt from a plain
-//! serialisable [`DevicesState`].
+//! The devices of one VM, wired up: the serial console, the power device and the keyboard
+//! controller's reset line on the port I/O bus, one virtio-mmio slot per drive and one for
+//! vsock on the MMIO bus, each interrupt an eventfd registered as a KVM irqfd. The whole set is
+//! captured into and rebuilt from a plain serialisable [`DevicesState`].
 
 use std::fs::OpenOptions;
 use std::io::Write;
@@ -13,7 +13,8 @@ use vmm_sys_util::eventfd::EventFd;
 use super::config::{Console, VmConfig};
 use crate::boot::layout::{Layout, MmioSlot};
 use crate::devices::bus::{BusError, Buses};
-use crate::devices::legacy::power::{self, PowerDevice, PowerEvent};
+use crate::devices::legacy::i8042::{self, KeyboardControllerReset};
+use crate::devices::legacy::power::{self, OnPowerEvent, PowerDevice};
 use crate::devices::legacy::serial::{self, SerialConsole, SerialConsoleState};
 use crate::devices::virtio::VirtioDevice;
 use crate::devices::virtio::block::{Block, BlockError, BlockState};
@@ -156,7 +157,7 @@ impl Devices {
         config: &VmConfig,
         layout: &Layout,
         state: Option<&DevicesState>,
-        on_power: Arc<dyn Fn(PowerEvent) + Send + Sync>,
+        on_power: OnPowerEvent,
     ) -> Result<Self, DevicesError> {
         let mut buses = Buses::default();
         let out = console_writer(&config.console)?;
@@ -173,7 +174,12 @@ impl Devices {
         buses.pio.insert(
             u64::from(power::SLEEP_CONTROL_PORT),
             power::PORT_COUNT,
-            Arc::new(Mutex::new(PowerDevice::new(on_power))),
+            Arc::new(Mutex::new(PowerDevice::new(on_power.clone()))),
+        )?;
+        buses.pio.insert(
+            u64::from(i8042::COMMAND_PORT),
+            i8042::PORT_COUNT,
+            Arc::new(Mutex::new(KeyboardControllerReset::new(on_power))),
         )?;
 
         if let Some(s) = state

@@ -21,7 +21,8 @@ use crate::acpi::tables::{self, AcpiError};
 use crate::boot::cpu::{self, CpuSetupError};
 use crate::boot::layout::{Layout, LayoutError, MIB};
 use crate::boot::loader::{self, LoadError};
-use crate::devices::legacy::power::PowerEvent;
+use crate::boot::reset_vector::{self, ResetVectorError};
+use crate::devices::legacy::power::{OnPowerEvent, PowerEvent};
 use crate::devices::virtio::vsock::unix::{self as vsock_unix, VsockUnixError, VsockUnixThread};
 use crate::kvm::runner::{ExitAction, RunnerError, VcpuThread};
 use crate::kvm::vcpu::{Vcpu, VcpuError, VcpuExitKind, VcpuState};
@@ -69,6 +70,9 @@ pub enum VmmError {
     /// ACPI tables.
     #[error(transparent)]
     Acpi(#[from] AcpiError),
+    /// The reset stub.
+    #[error(transparent)]
+    ResetVector(#[from] ResetVectorError),
     /// Devices.
     #[error(transparent)]
     Devices(#[from] DevicesError),
@@ -220,7 +224,7 @@ fn host_mem_mib() -> Option<u64> {
     Some(kib / 1024)
 }
 
-fn power_callback(events: &EventSender) -> Arc<dyn Fn(PowerEvent) + Send + Sync> {
+fn power_callback(events: &EventSender) -> OnPowerEvent {
     let events = events.clone();
     Arc::new(move |e| {
         events.send(match e {
@@ -272,6 +276,7 @@ impl Vmm {
             loader::command_line(&config.cmdline, &layout.devices, config.virtio_mmio_cmdline)?;
         loader::write_boot_params(&mem, &layout, &kernel, initrd, &cmdline)?;
         tables::write(&mem, usize::from(config.vcpus), &layout.devices)?;
+        reset_vector::write(&mem)?;
 
         let (tx, rx) = mpsc::channel();
         let events = EventSender(tx);

@@ -1,4 +1,6 @@
-//! Legacy PC devices on the port I/O bus: the serial console and the ACPI power device.
+//! Legacy PC devices on the port I/O bus: the serial console, the ACPI power device and the
+//! keyboard controller's reset line.
 
+pub mod i8042;
 pub mod power;
 pub mod serial;

@@ -42,9 +42,12 @@ pub fn decode(offset: u64, value: u8) -> Option<PowerEvent> {
     }
 }
 
+/// Called when the guest powers off or resets, on the vCPU thread that asked.
+pub type OnPowerEvent = Arc<dyn Fn(PowerEvent) + Send + Sync>;
+
 /// The power device; `on_event` runs on the vCPU thread that made the write.
 pub struct PowerDevice {
-    on_event: Arc<dyn Fn(PowerEvent) + Send + Sync>,
+    on_event: OnPowerEvent,
 }
 
 impl std::fmt::Debug for PowerDevice {
@@ -55,7 +58,7 @@ impl std::fmt::Debug for PowerDevice {
 
 impl PowerDevice {
     /// A device calling `on_event` when the guest powers off or resets.
-    pub fn new(on_event: Arc<dyn Fn(PowerEvent) + Send + Sync>) -> Self {
+    pub fn new(on_event: OnPowerEvent) -> Self {
         Self { on_event }
     }
 }
