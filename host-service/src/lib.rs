@@ -18,11 +18,14 @@
 //! - [`cli`]: `dittoctl`'s client and output formatting.
 //! - [`atomic_file`]: files replaced atomically (records, exit files).
 //! - [`unix_socket`]: owner-only Unix socket files, shared by the servers.
+//! - [`checkpoint`]: the checkpoint file (page map, compressed chunks, state) and its writer and
+//!   reader.
 
 pub mod acpi;
 pub mod agent;
 pub mod atomic_file;
 pub mod boot;
+pub mod checkpoint;
 pub mod cli;
 pub mod control;
 pub mod daemon;
