@@ -13,7 +13,7 @@ use std::ops::Bound::{Excluded, Unbounded};
 use serde::{Deserialize, Serialize};
 
 use super::connection::{Connection, ConnectionState, HOST_CID, OutPacket, Phase};
-use super::packet::{Header, Op, PacketError};
+use super::packet::{Header, Op};
 
 /// Most resets for unknown connections waiting to go to the guest.
 pub const MAX_PENDING_RESETS: usize = 64;
@@ -69,9 +69,6 @@ pub enum MuxEvent {
 /// Why a guest packet was dropped.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
 pub enum MuxError {
-    /// The header is malformed.
-    #[error(transparent)]
-    Packet(#[from] PacketError),
     /// The packet is not from this guest to the host.
     #[error("vsock packet from cid {src} to cid {dst} on the device of guest {guest}")]
     Addressing {
@@ -216,10 +213,9 @@ impl Muxer {
         });
     }
 
-    /// Handles one packet from the guest's transmit queue: `header` is its raw header bytes,
+    /// Handles one packet from the guest's transmit queue: `h` is its validated header,
     /// `payload` its data.
-    pub fn on_guest_packet(&mut self, header: &[u8], payload: &[u8]) -> Result<MuxEvent, MuxError> {
-        let h = Header::parse(header)?;
+    pub fn on_guest_packet(&mut self, h: &Header, payload: &[u8]) -> Result<MuxEvent, MuxError> {
         if h.src_cid != self.config.guest_cid || h.dst_cid != HOST_CID {
             return Err(MuxError::Addressing {
                 src: h.src_cid,
@@ -239,7 +235,7 @@ impl Muxer {
         };
         if let Some(conn) = self.conns.get_mut(&key) {
             let was = conn.phase();
-            conn.on_guest_packet(&h, payload);
+            conn.on_guest_packet(h, payload);
             if conn.is_closed() {
                 self.conns.remove(&key);
                 return Ok(MuxEvent::Closed(key));
@@ -256,11 +252,11 @@ impl Muxer {
                     && self.conns.len() < self.config.max_connections =>
             {
                 self.conns
-                    .insert(key, Connection::accept(&h, self.config.buf_alloc));
+                    .insert(key, Connection::accept(h, self.config.buf_alloc));
                 Ok(MuxEvent::Accepted(key))
             }
             _ => {
-                self.queue_reset(&h);
+                self.queue_reset(h);
                 Ok(MuxEvent::None)
             }
         }
@@ -343,7 +339,7 @@ mod tests {
         m
     }
 
-    fn from_guest(op: Op, src_port: u32, dst_port: u32, len: u32) -> [u8; 44] {
+    fn from_guest(op: Op, src_port: u32, dst_port: u32, len: u32) -> Header {
         Header {
             src_cid: GUEST,
             dst_cid: HOST_CID,
@@ -355,7 +351,6 @@ mod tests {
             buf_alloc: 4096,
             fwd_cnt: 0,
         }
-        .to_bytes()
     }
 
     fn drain(m: &mut Muxer) -> Vec<(Op, u32, u32)> {
@@ -408,10 +403,6 @@ mod tests {
     #[test]
     fn bad_packets_are_dropped_with_an_error() {
         let mut m = muxer();
-        assert!(matches!(
-            m.on_guest_packet(&[0; 10], &[]),
-            Err(MuxError::Packet(_))
-        ));
         assert_eq!(
             m.on_guest_packet(&from_guest(Op::Rw, 1, 52, 5), b"ab"),
             Err(MuxError::Length {
@@ -419,10 +410,10 @@ mod tests {
                 actual: 2
             })
         );
-        let mut spoofed = Header::parse(&from_guest(Op::Request, 1, 52, 0)).expect("header");
+        let mut spoofed = from_guest(Op::Request, 1, 52, 0);
         spoofed.src_cid = 7;
         assert!(matches!(
-            m.on_guest_packet(&spoofed.to_bytes(), &[]),
+            m.on_guest_packet(&spoofed, &[]),
             Err(MuxError::Addressing { .. })
         ));
         assert!(m.is_empty());

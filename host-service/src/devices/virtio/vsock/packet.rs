@@ -1,13 +1,16 @@
-//! The virtio-vsock packet header (virtio 1.2, section 5.10.6) and its validation.
+//! The virtio-vsock packet header (virtio 1.2, section 5.10.6) as the connections see it, and
+//! its validation.
 //!
-//! Everything here comes from the guest: a header that is short, of a type other than stream, of
-//! an unknown operation or announcing more payload than [`MAX_PAYLOAD`] is refused with a
-//! [`PacketError`], never trusted.
+//! Finding the header and payload in a descriptor chain and reading or writing the header's wire
+//! fields is done by virtio-vsock's [`VsockPacket`]; this module turns those raw fields into a
+//! [`Header`]. Everything here comes from the guest: a header of a type other than stream, of an
+//! unknown operation or announcing more payload than [`MAX_PAYLOAD`] (or any on a packet that
+//! carries none) is refused with a [`PacketError`], never trusted.
 
 use serde::{Deserialize, Serialize};
+use virtio_vsock::packet::{PKT_HEADER_SIZE, VsockPacket};
+use vm_memory::bitmap::BitmapSlice;
 
-/// Size of the header on the wire.
-pub const HEADER_BYTES: usize = 44;
 /// Most payload bytes one packet may carry (Linux uses at most 64 KiB buffers).
 pub const MAX_PAYLOAD: u32 = 64 << 10;
 /// The only socket type supported: `VIRTIO_VSOCK_TYPE_STREAM`.
@@ -68,11 +71,14 @@ impl Op {
 }
 
 /// Why a header was refused.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, thiserror::Error)]
 pub enum PacketError {
-    /// Fewer than [`HEADER_BYTES`] bytes.
-    #[error("vsock header of {0} bytes is too short")]
-    Short(usize),
+    /// Gathered header bytes that are not exactly one header.
+    #[error("vsock header of {0} bytes, not {PKT_HEADER_SIZE}")]
+    Size(usize),
+    /// virtio-vsock could not decode the header bytes.
+    #[error("vsock header not decoded: {0}")]
+    Decode(#[source] virtio_vsock::packet::Error),
     /// A socket type other than stream.
     #[error("unsupported vsock socket type {0}")]
     Type(u16),
@@ -112,66 +118,76 @@ pub struct Header {
     pub fwd_cnt: u32,
 }
 
-fn le_u64(b: &[u8], at: usize) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[at..at + 8]);
-    u64::from_le_bytes(a)
-}
-
-fn le_u32(b: &[u8], at: usize) -> u32 {
-    let mut a = [0u8; 4];
-    a.copy_from_slice(&b[at..at + 4]);
-    u32::from_le_bytes(a)
-}
-
-fn le_u16(b: &[u8], at: usize) -> u16 {
-    u16::from_le_bytes([b[at], b[at + 1]])
-}
-
 impl Header {
-    /// Parses and validates a header from its wire bytes (extra bytes are ignored).
-    pub fn parse(bytes: &[u8]) -> Result<Self, PacketError> {
-        if bytes.len() < HEADER_BYTES {
-            return Err(PacketError::Short(bytes.len()));
-        }
-        let kind = le_u16(bytes, 28);
+    /// Validates the header virtio-vsock read from a packet (`pkt`'s fields are the copy it took
+    /// when it parsed the chain, so the guest cannot change them afterwards).
+    pub fn from_packet<B: BitmapSlice>(pkt: &VsockPacket<'_, B>) -> Result<Self, PacketError> {
+        let kind = pkt.type_();
         if kind != TYPE_STREAM {
             return Err(PacketError::Type(kind));
         }
-        let raw_op = le_u16(bytes, 30);
-        let op = Op::from_raw(raw_op).ok_or(PacketError::UnknownOp(raw_op))?;
-        let len = le_u32(bytes, 24);
+        let op = Op::from_raw(pkt.op()).ok_or(PacketError::UnknownOp(pkt.op()))?;
+        let len = pkt.len();
         if len > MAX_PAYLOAD || (op != Op::Rw && len != 0) {
             return Err(PacketError::BadLength { op, len });
         }
         Ok(Self {
-            src_cid: le_u64(bytes, 0),
-            dst_cid: le_u64(bytes, 8),
-            src_port: le_u32(bytes, 16),
-            dst_port: le_u32(bytes, 20),
+            src_cid: pkt.src_cid(),
+            dst_cid: pkt.dst_cid(),
+            src_port: pkt.src_port(),
+            dst_port: pkt.dst_port(),
             len,
             op,
-            flags: le_u32(bytes, 32),
-            buf_alloc: le_u32(bytes, 36),
-            fwd_cnt: le_u32(bytes, 40),
+            flags: pkt.flags(),
+            buf_alloc: pkt.buf_alloc(),
+            fwd_cnt: pkt.fwd_cnt(),
         })
     }
 
-    /// The wire bytes of this header.
-    pub fn to_bytes(&self) -> [u8; HEADER_BYTES] {
-        let mut b = [0u8; HEADER_BYTES];
-        b[0..8].copy_from_slice(&self.src_cid.to_le_bytes());
-        b[8..16].copy_from_slice(&self.dst_cid.to_le_bytes());
-        b[16..20].copy_from_slice(&self.src_port.to_le_bytes());
-        b[20..24].copy_from_slice(&self.dst_port.to_le_bytes());
-        b[24..28].copy_from_slice(&self.len.to_le_bytes());
-        b[28..30].copy_from_slice(&TYPE_STREAM.to_le_bytes());
-        b[30..32].copy_from_slice(&self.op.to_raw().to_le_bytes());
-        b[32..36].copy_from_slice(&self.flags.to_le_bytes());
-        b[36..40].copy_from_slice(&self.buf_alloc.to_le_bytes());
-        b[40..44].copy_from_slice(&self.fwd_cnt.to_le_bytes());
-        b
+    /// Validates a header's wire bytes that were gathered from more than one descriptor (see
+    /// [`device`](super::device)); they are decoded by virtio-vsock like any other header.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, PacketError> {
+        if bytes.len() != PKT_HEADER_SIZE {
+            return Err(PacketError::Size(bytes.len()));
+        }
+        let mut slot = [0u8; PKT_HEADER_SIZE];
+        let mut pkt = local_packet(&mut slot)?;
+        pkt.set_header_from_raw(bytes)
+            .map_err(PacketError::Decode)?;
+        Self::from_packet(&pkt)
     }
+
+    /// Writes this header into `pkt`'s header buffer (all fields, type stream).
+    pub fn write_to<B: BitmapSlice>(&self, pkt: &mut VsockPacket<'_, B>) {
+        pkt.set_src_cid(self.src_cid)
+            .set_dst_cid(self.dst_cid)
+            .set_src_port(self.src_port)
+            .set_dst_port(self.dst_port)
+            .set_len(self.len)
+            .set_type(TYPE_STREAM)
+            .set_op(self.op.to_raw())
+            .set_flags(self.flags)
+            .set_buf_alloc(self.buf_alloc)
+            .set_fwd_cnt(self.fwd_cnt);
+    }
+
+    /// The wire bytes of this header (tests put them into guest memory).
+    #[cfg(test)]
+    pub fn to_bytes(&self) -> [u8; PKT_HEADER_SIZE] {
+        let mut slot = [0u8; PKT_HEADER_SIZE];
+        let mut pkt = local_packet(&mut slot).expect("a header-sized slot");
+        self.write_to(&mut pkt);
+        slot
+    }
+}
+
+/// A [`VsockPacket`] whose header lives in `slot`, host memory of exactly one header, for
+/// header bytes that are not in a single guest buffer.
+fn local_packet(slot: &mut [u8; PKT_HEADER_SIZE]) -> Result<VsockPacket<'_, ()>, PacketError> {
+    // SAFETY: the packet's header slice covers exactly `slot`, which the returned packet borrows
+    // for its whole lifetime, so the memory stays valid; nothing else reads or writes `slot`
+    // while the packet lives (the borrow is exclusive).
+    unsafe { VsockPacket::new(slot, None) }.map_err(PacketError::Decode)
 }
 
 #[cfg(test)]
@@ -198,38 +214,59 @@ mod tests {
             let op = Op::from_raw(raw).expect("known op");
             let len = if op == Op::Rw { 100 } else { 0 };
             let h = header(op, len);
-            assert_eq!(Header::parse(&h.to_bytes()), Ok(h));
+            assert_eq!(Header::from_bytes(&h.to_bytes()).expect("valid"), h);
         }
+    }
+
+    #[test]
+    fn wire_layout_is_the_specs() {
+        let b = header(Op::Rw, 0x0102).to_bytes();
+        assert_eq!(b[0..8], 3u64.to_le_bytes());
+        assert_eq!(b[8..16], 2u64.to_le_bytes());
+        assert_eq!(b[16..20], 1025u32.to_le_bytes());
+        assert_eq!(b[20..24], 52u32.to_le_bytes());
+        assert_eq!(b[24..28], 0x0102u32.to_le_bytes());
+        assert_eq!(b[28..30], TYPE_STREAM.to_le_bytes());
+        assert_eq!(b[30..32], 5u16.to_le_bytes());
+        assert_eq!(b[32..36], 0u32.to_le_bytes());
+        assert_eq!(b[36..40], 4096u32.to_le_bytes());
+        assert_eq!(b[40..44], 7u32.to_le_bytes());
     }
 
     #[test]
     fn bad_headers_are_refused() {
         let mut b = header(Op::Rw, 10).to_bytes();
-        assert_eq!(Header::parse(&b[..43]), Err(PacketError::Short(43)));
+        assert!(matches!(
+            Header::from_bytes(&b[..43]),
+            Err(PacketError::Size(43))
+        ));
         b[28] = 2;
-        assert_eq!(Header::parse(&b), Err(PacketError::Type(2)));
+        assert!(matches!(Header::from_bytes(&b), Err(PacketError::Type(2))));
         let mut b = header(Op::Rw, 10).to_bytes();
         b[30] = 9;
-        assert_eq!(Header::parse(&b), Err(PacketError::UnknownOp(9)));
+        assert!(matches!(
+            Header::from_bytes(&b),
+            Err(PacketError::UnknownOp(9))
+        ));
         let b = header(Op::Rw, MAX_PAYLOAD + 1).to_bytes();
         assert!(matches!(
-            Header::parse(&b),
+            Header::from_bytes(&b),
             Err(PacketError::BadLength { .. })
         ));
         let b = header(Op::Request, 1).to_bytes();
         assert!(matches!(
-            Header::parse(&b),
+            Header::from_bytes(&b),
             Err(PacketError::BadLength { .. })
         ));
     }
 
     proptest::proptest! {
-        /// Arbitrary bytes never panic the parser, and whatever it accepts re-encodes to the
+        /// Arbitrary bytes never panic the decoder, and whatever it accepts re-encodes to the
         /// same header bytes.
         #[test]
-        fn parse_never_panics_and_round_trips(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..64)) {
-            if let Ok(h) = Header::parse(&bytes) {
-                proptest::prop_assert_eq!(&h.to_bytes()[..], &bytes[..HEADER_BYTES]);
+        fn decoding_never_panics_and_round_trips(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 40..48)) {
+            if let Ok(h) = Header::from_bytes(&bytes) {
+                proptest::prop_assert_eq!(&h.to_bytes()[..], &bytes[..]);
             }
         }
     }
