@@ -29,8 +29,10 @@ const GUEST_MODULES: &[&str] = &[
 
 /// The project's static binaries installed into the root disk: (cargo package, binary, path in
 /// the guest).
-const GUEST_BINARIES: &[(&str, &str, &str)] =
-    &[("ditto-agent", "ditto-agent", "usr/sbin/ditto-agent")];
+const GUEST_BINARIES: &[(&str, &str, &str)] = &[
+    ("ditto-agent", "ditto-agent", "usr/sbin/ditto-agent"),
+    ("ditto-workload", "ditto-workload", "usr/bin/ditto-workload"),
+];
 
 /// The agent's OpenRC service script, for Alpine root disks.
 const OPENRC_SCRIPT: &str = "guest-agent/packaging/openrc/ditto-agent";
@@ -424,6 +426,10 @@ mod tests {
         assert!(inittab.contains("/usr/sbin/ditto-agent serve"), "{inittab}");
         assert!(root.join("etc/init.d/rcS").is_file());
         assert!(root.join("usr/sbin/ditto-agent").is_file());
+        assert_eq!(
+            fs::read_to_string(root.join("usr/bin/ditto-workload")).unwrap(),
+            "ditto-workload binary"
+        );
     }
 
     #[test]
