@@ -9,3 +9,4 @@ pub mod fixture;
 pub mod microvm;
 pub mod payload;
 pub mod vmm;
+pub mod workload;

@@ -60,10 +60,8 @@ impl VmmProcess {
     /// `--drive` value, console in `dir/console.log`, standard error in `dir/vmm.stderr` and
     /// `extra` arguments.
     pub fn spawn(images: &Path, root: &str, dir: &Path, cmdline: &str, extra: &[&str]) -> Self {
-        let console = dir.join("console.log");
-        let stderr = dir.join("vmm.stderr");
-        let stderr_file = File::create(&stderr).expect("create the VMM's stderr file");
-        let child = Command::new("ditto-vmm")
+        let mut command = Command::new("ditto-vmm");
+        command
             .arg("run")
             .arg("--kernel")
             .arg(images.join("vmlinuz"))
@@ -72,7 +70,23 @@ impl VmmProcess {
             .arg("--cmdline")
             .arg(format!("{BASE_CMDLINE} {cmdline}"))
             .arg("--drive")
-            .arg(root)
+            .arg(root);
+        Self::start(command, dir, extra)
+    }
+
+    /// Starts `ditto-vmm restore --from checkpoint` with console and standard error in `dir`
+    /// as [`Self::spawn`] does, and `extra` arguments.
+    pub fn restore(checkpoint: &Path, dir: &Path, extra: &[&str]) -> Self {
+        let mut command = Command::new("ditto-vmm");
+        command.arg("restore").arg("--from").arg(checkpoint);
+        Self::start(command, dir, extra)
+    }
+
+    fn start(mut command: Command, dir: &Path, extra: &[&str]) -> Self {
+        let console = dir.join("console.log");
+        let stderr = dir.join("vmm.stderr");
+        let stderr_file = File::create(&stderr).expect("create the VMM's stderr file");
+        let child = command
             .arg("--console")
             .arg(&console)
             .args(extra)
@@ -85,6 +99,11 @@ impl VmmProcess {
             console,
             stderr,
         }
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// The console so far.

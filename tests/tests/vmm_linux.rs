@@ -155,7 +155,7 @@ fn guest_boots_writes_its_disk_serves_the_agent_pauses_and_powers_off() {
     let status = vmm.wait_exit(Duration::from_secs(60));
     assert!(status.success(), "ditto-vmm: {status}");
     assert!(
-        vmm.stderr_text().contains("VM ended: PowerOff"),
+        vmm.stderr_text().contains("VM ended: the guest powered off"),
         "{}",
         vmm.transcript()
     );
@@ -231,7 +231,7 @@ fn guest_reboot_ends_the_vmm_cleanly() {
         let status = vmm.wait_exit(Duration::from_secs(60));
         assert!(status.success(), "{method:?}: ditto-vmm {status}");
         assert!(
-            vmm.stderr_text().contains("VM ended: Reset"),
+            vmm.stderr_text().contains("VM ended: the guest rebooted"),
             "{method:?}: {}",
             vmm.transcript()
         );

@@ -7,57 +7,14 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use ditto_host::control::{VmState, VmmClient};
-use ditto_proto::agent::v1::ExecRequest;
-use ditto_proto::agent::v1::agent_client::AgentClient;
 use ditto_tests::microvm::images_dir;
 use ditto_tests::vmm::{AGENT_PORT, VmmProcess, agent_over_hybrid_vsock, sparse_copy};
+use ditto_tests::workload::{CONTROL, WORKLOAD, count, sh, verify};
 use serde_json::Value;
-use tonic::transport::Channel;
 
 const BOOT: Duration = Duration::from_secs(180);
-const WORKLOAD: &str = "/usr/bin/ditto-workload";
-const CONTROL: &str = "/run/workload.sock";
 const ANON_MIB: u64 = 64;
 const FILE_MIB: u64 = 16;
-
-/// Runs `script` with the guest's `sh -c`; returns its exit code and stdout.
-async fn sh(agent: &mut AgentClient<Channel>, script: &str) -> (i32, String) {
-    let reply = agent
-        .exec(ExecRequest {
-            program: "/bin/sh".into(),
-            args: vec!["-c".into(), script.into()],
-            timeout_ms: 600_000,
-            ..Default::default()
-        })
-        .await
-        .expect("exec")
-        .into_inner();
-    assert!(!reply.timed_out, "{script}: timed out: {reply:?}");
-    let stdout = String::from_utf8_lossy(&reply.stdout).into_owned();
-    if reply.exit_code != 0 {
-        println!(
-            "{script}: exit {}\nstdout:\n{stdout}\nstderr:\n{}",
-            reply.exit_code,
-            String::from_utf8_lossy(&reply.stderr)
-        );
-    }
-    (reply.exit_code, stdout)
-}
-
-/// `ditto-workload verify --json` in the guest: the exit code and the report.
-async fn verify(agent: &mut AgentClient<Channel>) -> (i32, Value) {
-    let (code, out) = sh(
-        agent,
-        &format!("{WORKLOAD} verify --json --control {CONTROL}"),
-    )
-    .await;
-    let report = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
-    (code, report)
-}
-
-fn count(v: &Value) -> u64 {
-    v.as_u64().unwrap_or_else(|| panic!("not a count: {v}"))
-}
 
 #[test]
 #[ignore = "boots Linux: runs in the KVM test box"]

@@ -1,18 +1,20 @@
 //! `ditto-vmm`: one process, one VM. `ditto-vmm run …` builds the VM (every input checked before
 //! the guest starts), runs it until the guest powers off or reboots (exit status 0), a signal or
-//! the control socket asks it to end (0), or the guest fails (1). With `--exit-file` it writes
-//! why it ended there as it exits (see `ditto_host::vmm::exit_file`).
+//! the control socket asks it to end (0), a checkpoint stops it (0), or the guest fails (1).
+//! `ditto-vmm restore --from FILE …` continues a checkpointed VM the same way. With
+//! `--exit-file` it writes why it ended there as it exits (see `ditto_host::vmm::exit_file`).
 
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use ditto_host::control::ControlSocket;
-use ditto_host::vmm::config::RunArgs;
+use ditto_host::vmm::config::{RestoreArgs, RunArgs};
 use ditto_host::vmm::control::VmmControl;
 use ditto_host::vmm::exit_file::ExitRecord;
-use ditto_host::vmm::{ExitReason, Vmm};
+use ditto_host::vmm::{ExitReason, Vmm, VmmEvents};
 
 #[derive(Parser)]
 #[command(version, about = "ditto's KVM microVM monitor: one process per VM")]
@@ -25,10 +27,19 @@ struct Cli {
 enum Command {
     /// Boots a Linux guest and runs it until it powers off.
     Run(Box<RunArgs>),
+    /// Continues a checkpointed VM and runs it until it powers off.
+    Restore(Box<RestoreArgs>),
 }
 
-fn run(args: &RunArgs) -> Result<ExitReason> {
-    let (vmm, events) = Vmm::build(args.config()).context("cannot build the VM")?;
+/// How the vCPUs begin: a fresh boot, or the resume of a restored VM.
+#[derive(Clone, Copy)]
+enum Begin {
+    Boot,
+    Resume,
+}
+
+/// Runs a built VM until it ends: signals, the control socket, the guest's power events.
+fn serve(vmm: Vmm, events: VmmEvents, control: Option<&Path>, begin: Begin) -> Result<ExitReason> {
     let sender = vmm.event_sender();
     let vmm = Arc::new(Mutex::new(vmm));
     let lock = || vmm.lock().unwrap_or_else(PoisonError::into_inner);
@@ -56,7 +67,7 @@ fn run(args: &RunArgs) -> Result<ExitReason> {
         });
     }
     let (stop_control, control_stopped) = tokio::sync::oneshot::channel::<()>();
-    let control = match &args.control {
+    let control = match control {
         Some(path) => {
             let socket = {
                 let _guard = runtime.enter();
@@ -71,7 +82,14 @@ fn run(args: &RunArgs) -> Result<ExitReason> {
         None => None,
     };
 
-    lock().start().context("cannot start the vCPUs")?;
+    match begin {
+        Begin::Boot => lock().start().context("cannot start the vCPUs")?,
+        Begin::Resume => {
+            lock()
+                .resume()
+                .context("cannot resume the restored vCPUs")?;
+        }
+    }
     let reason = events.wait(|| lock().check_alive());
     let stopped = lock().stop().context("cannot stop the VM");
     let _ = stop_control.send(());
@@ -87,31 +105,57 @@ fn run(args: &RunArgs) -> Result<ExitReason> {
     Ok(reason)
 }
 
+fn run(args: &RunArgs) -> Result<ExitReason> {
+    let (vmm, events) = Vmm::build(args.config()).context("cannot build the VM")?;
+    serve(vmm, events, args.control.as_deref(), Begin::Boot)
+}
+
+fn restore(args: &RestoreArgs) -> Result<ExitReason> {
+    let (vmm, events, report) = Vmm::restore(&args.from, &args.options())
+        .with_context(|| format!("cannot restore from {}", args.from.display()))?;
+    eprintln!(
+        "ditto-vmm: restored {}: {} pages from the file in {:.1} ms, {} from drives in {:.1} ms, \
+         {} zero; ready in {:.1} ms",
+        args.from.display(),
+        report.pages_saved,
+        report.memory.as_secs_f64() * 1e3,
+        report.pages_disk,
+        report.disk.as_secs_f64() * 1e3,
+        report.pages_zero,
+        report.total.as_secs_f64() * 1e3,
+    );
+    serve(vmm, events, args.control.as_deref(), Begin::Resume)
+}
+
+/// Reports how the VM ended, on standard error and in the exit file.
+fn finish(outcome: Result<ExitReason>, exit_file: Option<&PathBuf>) -> ExitCode {
+    let record = match outcome {
+        Ok(reason) => ExitRecord {
+            clean: reason.is_clean(),
+            reason: reason.to_string(),
+        },
+        Err(e) => ExitRecord {
+            clean: false,
+            reason: format!("{e:#}"),
+        },
+    };
+    eprintln!("ditto-vmm: VM ended: {}", record.reason);
+    if let Some(path) = exit_file
+        && let Err(e) = record.write(path)
+    {
+        eprintln!("ditto-vmm: cannot write {}: {e}", path.display());
+    }
+    if record.clean {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Run(args) => {
-            let record = match run(&args) {
-                Ok(reason) => ExitRecord {
-                    clean: reason.is_clean(),
-                    reason: reason.to_string(),
-                },
-                Err(e) => ExitRecord {
-                    clean: false,
-                    reason: format!("{e:#}"),
-                },
-            };
-            eprintln!("ditto-vmm: VM ended: {}", record.reason);
-            if let Some(path) = &args.exit_file
-                && let Err(e) = record.write(path)
-            {
-                eprintln!("ditto-vmm: cannot write {}: {e}", path.display());
-            }
-            if record.clean {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            }
-        }
+        Command::Run(args) => finish(run(&args), args.exit_file.as_ref()),
+        Command::Restore(args) => finish(restore(&args), args.exit_file.as_ref()),
     }
 }

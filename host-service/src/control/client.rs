@@ -19,7 +19,7 @@ use tokio_util::sync::PollSender;
 use tonic::transport::Channel;
 
 use super::convert::InvalidReply;
-use super::handle::{StateChange, VmStatus};
+use super::handle::{CheckpointResult, CheckpointSpec, StateChange, VmStatus};
 use super::server::{TUNNEL_CHUNK, TUNNEL_DEPTH};
 
 /// What can go wrong talking to a VMM.
@@ -98,6 +98,16 @@ impl VmmClient {
     pub async fn shutdown(&self) -> Result<(), ClientError> {
         self.inner.clone().shutdown(pb::ShutdownRequest {}).await?;
         Ok(())
+    }
+
+    /// Writes a checkpoint of the VM ([`VmmHandle::checkpoint`](super::VmmHandle::checkpoint)).
+    pub async fn checkpoint(&self, spec: CheckpointSpec) -> Result<CheckpointResult, ClientError> {
+        let reply = self
+            .inner
+            .clone()
+            .checkpoint(pb::CheckpointRequest::from(spec))
+            .await?;
+        Ok(reply.into_inner().try_into()?)
     }
 
     /// Opens a tunnel to `port` of the guest's vsock. Returns once the guest accepted the

@@ -6,7 +6,10 @@ use std::time::Duration;
 
 use ditto_proto::vmm::v1 as pb;
 
-use super::handle::{DriveInfo, StateChange, VmState, VmStatus, VsockInfo};
+use super::handle::{
+    AfterCheckpoint, CheckpointResult, CheckpointSpec, DriveInfo, RestoreInfo, StateChange,
+    VmState, VmStatus, VsockInfo,
+};
 
 /// A reply the client cannot read.
 #[derive(Debug, thiserror::Error)]
@@ -14,6 +17,120 @@ pub enum InvalidReply {
     /// The state is not one of the known states.
     #[error("unknown VM state {0}")]
     State(i32),
+}
+
+/// A checkpoint request the server cannot take.
+#[derive(Debug, thiserror::Error)]
+pub enum InvalidRequest {
+    /// The mode is unset or unknown.
+    #[error("mode: unknown checkpoint mode {0} (FULL is the one this VMM takes)")]
+    Mode(i32),
+    /// What to do afterwards is unknown.
+    #[error("after: unknown value {0}")]
+    After(i32),
+    /// The destination is not an absolute path.
+    #[error("path: the checkpoint destination must be an absolute path, not {0:?}")]
+    Path(String),
+}
+
+/// The checked plain form of a checkpoint request.
+pub fn checkpoint_spec_from_pb(r: pb::CheckpointRequest) -> Result<CheckpointSpec, InvalidRequest> {
+    match pb::CheckpointMode::try_from(r.mode) {
+        Ok(pb::CheckpointMode::Full) => {}
+        Ok(pb::CheckpointMode::Unspecified) | Err(_) => return Err(InvalidRequest::Mode(r.mode)),
+    }
+    let after = match pb::AfterCheckpoint::try_from(r.after) {
+        Ok(pb::AfterCheckpoint::Resume) => AfterCheckpoint::Resume,
+        Ok(pb::AfterCheckpoint::Stop) => AfterCheckpoint::Stop,
+        Err(_) => return Err(InvalidRequest::After(r.after)),
+    };
+    let path = PathBuf::from(&r.path);
+    if !path.is_absolute() {
+        return Err(InvalidRequest::Path(r.path));
+    }
+    Ok(CheckpointSpec {
+        path,
+        after,
+        uncompressed: r.uncompressed,
+    })
+}
+
+impl From<CheckpointSpec> for pb::CheckpointRequest {
+    fn from(s: CheckpointSpec) -> Self {
+        let after = match s.after {
+            AfterCheckpoint::Resume => pb::AfterCheckpoint::Resume,
+            AfterCheckpoint::Stop => pb::AfterCheckpoint::Stop,
+        };
+        Self {
+            path: s.path.to_string_lossy().into_owned(),
+            mode: pb::CheckpointMode::Full.into(),
+            after: after.into(),
+            uncompressed: s.uncompressed,
+        }
+    }
+}
+
+impl From<CheckpointResult> for pb::CheckpointResponse {
+    fn from(r: CheckpointResult) -> Self {
+        Self {
+            path: r.path.to_string_lossy().into_owned(),
+            file_bytes: r.file_bytes,
+            stored_bytes: r.stored_bytes,
+            pages_saved: r.pages_saved,
+            pages_zero: r.pages_zero,
+            pages_free: r.pages_free,
+            pages_disk: r.pages_disk,
+            pause_us: saturating_u64(r.pause.as_micros()),
+            total_us: saturating_u64(r.total.as_micros()),
+            state: pb::VmState::from(r.state).into(),
+        }
+    }
+}
+
+impl TryFrom<pb::CheckpointResponse> for CheckpointResult {
+    type Error = InvalidReply;
+    fn try_from(r: pb::CheckpointResponse) -> Result<Self, InvalidReply> {
+        Ok(Self {
+            path: r.path.into(),
+            file_bytes: r.file_bytes,
+            stored_bytes: r.stored_bytes,
+            pages_saved: r.pages_saved,
+            pages_zero: r.pages_zero,
+            pages_free: r.pages_free,
+            pages_disk: r.pages_disk,
+            pause: Duration::from_micros(r.pause_us),
+            total: Duration::from_micros(r.total_us),
+            state: state_from_pb(r.state)?,
+        })
+    }
+}
+
+impl From<RestoreInfo> for pb::RestoreInfo {
+    fn from(r: RestoreInfo) -> Self {
+        Self {
+            checkpoint: r.checkpoint.to_string_lossy().into_owned(),
+            memory_us: saturating_u64(r.memory.as_micros()),
+            disk_us: saturating_u64(r.disk.as_micros()),
+            total_us: saturating_u64(r.total.as_micros()),
+            pages_saved: r.pages_saved,
+            pages_zero: r.pages_zero,
+            pages_disk: r.pages_disk,
+        }
+    }
+}
+
+impl From<pb::RestoreInfo> for RestoreInfo {
+    fn from(r: pb::RestoreInfo) -> Self {
+        Self {
+            checkpoint: r.checkpoint.into(),
+            memory: Duration::from_micros(r.memory_us),
+            disk: Duration::from_micros(r.disk_us),
+            total: Duration::from_micros(r.total_us),
+            pages_saved: r.pages_saved,
+            pages_zero: r.pages_zero,
+            pages_disk: r.pages_disk,
+        }
+    }
 }
 
 impl From<VmState> for pb::VmState {
@@ -62,6 +179,7 @@ impl From<VmStatus> for pb::StatusResponse {
                 })
                 .collect(),
             pid: s.pid,
+            restored: s.restored.map(Into::into),
         }
     }
 }
@@ -88,6 +206,7 @@ impl TryFrom<pb::StatusResponse> for VmStatus {
                 })
                 .collect(),
             pid: s.pid,
+            restored: s.restored.map(Into::into),
         })
     }
 }
@@ -136,6 +255,39 @@ mod tests {
     }
 
     #[test]
+    fn checkpoint_requests_are_checked() {
+        let spec = CheckpointSpec {
+            path: "/var/lib/ditto/c1.ckpt".into(),
+            after: AfterCheckpoint::Stop,
+            uncompressed: true,
+        };
+        let wire = pb::CheckpointRequest::from(spec.clone());
+        assert_eq!(checkpoint_spec_from_pb(wire.clone()).unwrap(), spec);
+        let relative = pb::CheckpointRequest {
+            path: "c1.ckpt".into(),
+            ..wire.clone()
+        };
+        assert!(matches!(
+            checkpoint_spec_from_pb(relative),
+            Err(InvalidRequest::Path(p)) if p == "c1.ckpt"
+        ));
+        for mode in [0, 9] {
+            let bad = pb::CheckpointRequest {
+                mode,
+                ..wire.clone()
+            };
+            assert!(
+                matches!(checkpoint_spec_from_pb(bad), Err(InvalidRequest::Mode(m)) if m == mode)
+            );
+        }
+        let bad = pb::CheckpointRequest { after: 7, ..wire };
+        assert!(matches!(
+            checkpoint_spec_from_pb(bad),
+            Err(InvalidRequest::After(7))
+        ));
+    }
+
+    #[test]
     fn durations_travel_truncated_and_saturate() {
         let change = pb::StateChange::from(StateChange {
             state: VmState::Paused,
@@ -150,6 +302,7 @@ mod tests {
             vsock: None,
             drives: Vec::new(),
             pid: 1,
+            restored: None,
         });
         assert_eq!(status.uptime_ms, u64::MAX);
         assert!(status.vsock.is_none());

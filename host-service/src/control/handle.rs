@@ -67,6 +67,73 @@ pub struct VmStatus {
     pub drives: Vec<DriveInfo>,
     /// The VMM's process id.
     pub pid: u32,
+    /// How the VMM came back from a checkpoint, when it did.
+    pub restored: Option<RestoreInfo>,
+}
+
+/// How a VMM came back from a checkpoint (durations travel in whole microseconds).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RestoreInfo {
+    /// The checkpoint file.
+    pub checkpoint: PathBuf,
+    /// Filling memory from the saved pages.
+    pub memory: Duration,
+    /// Filling disk-referenced pages from the drive images, hashes checked.
+    pub disk: Duration,
+    /// From opening the file to the vCPUs running again.
+    pub total: Duration,
+    /// Pages read from the file.
+    pub pages_saved: u64,
+    /// Pages that were zero.
+    pub pages_zero: u64,
+    /// Pages read from drives.
+    pub pages_disk: u64,
+}
+
+/// What the VM does once its checkpoint is written.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum AfterCheckpoint {
+    /// Runs on if it was running, stays paused if it was paused.
+    #[default]
+    Resume,
+    /// Never runs again: the VMM ends cleanly.
+    Stop,
+}
+
+/// A checkpoint to take.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CheckpointSpec {
+    /// The file to write (absolute, in an existing folder).
+    pub path: PathBuf,
+    /// What the VM does afterwards.
+    pub after: AfterCheckpoint,
+    /// Store saved pages raw instead of zstd-compressed.
+    pub uncompressed: bool,
+}
+
+/// A written checkpoint (durations travel in whole microseconds).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CheckpointResult {
+    /// The file.
+    pub path: PathBuf,
+    /// Its length.
+    pub file_bytes: u64,
+    /// Bytes the saved pages take in it.
+    pub stored_bytes: u64,
+    /// Pages saved.
+    pub pages_saved: u64,
+    /// Pages found all zero.
+    pub pages_zero: u64,
+    /// Pages known free, stored as zero.
+    pub pages_free: u64,
+    /// Pages stored as drive references.
+    pub pages_disk: u64,
+    /// How long the guest did not run because of the checkpoint.
+    pub pause: Duration,
+    /// The whole operation.
+    pub total: Duration,
+    /// The VM's state afterwards.
+    pub state: VmState,
 }
 
 /// The outcome of a pause or a resume.
@@ -81,7 +148,8 @@ pub struct StateChange {
 /// Why the VMM refused or failed a control request. The server maps each variant to a gRPC
 /// status code: [`WrongState`](Self::WrongState) and [`NoVsock`](Self::NoVsock) to
 /// `FAILED_PRECONDITION`, [`PortUnreachable`](Self::PortUnreachable) to `UNAVAILABLE`,
-/// [`Failed`](Self::Failed) to `INTERNAL`.
+/// [`InvalidArgument`](Self::InvalidArgument) to `INVALID_ARGUMENT`, [`Failed`](Self::Failed) to
+/// `INTERNAL`.
 #[derive(Debug, thiserror::Error)]
 pub enum VmmError {
     /// The operation does not apply to the VM's current state (pausing a paused VM, ...).
@@ -103,6 +171,9 @@ pub enum VmmError {
         /// Why.
         source: std::io::Error,
     },
+    /// A request field is unusable (a checkpoint destination that cannot be written, ...).
+    #[error("{0}")]
+    InvalidArgument(String),
     /// The VMM failed on its side.
     #[error("{0}")]
     Failed(String),
@@ -130,4 +201,8 @@ pub trait VmmHandle: Send + Sync + 'static {
     /// vsock connection after its `CONNECT`/`OK` exchange, or a socket pair the device pumps).
     /// The returned stream may be blocking or not; the server makes it non-blocking.
     fn connect_vsock(&self, port: u32) -> Result<UnixStream, VmmError>;
+    /// Writes a checkpoint of the VM to `spec.path`, then lets the VM run on or ends it.
+    /// [`VmmError::WrongState`] when the VM is shutting down or stopped,
+    /// [`VmmError::InvalidArgument`] for a destination that cannot be written.
+    fn checkpoint(&self, spec: CheckpointSpec) -> Result<CheckpointResult, VmmError>;
 }

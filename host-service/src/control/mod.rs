@@ -11,6 +11,9 @@
 //! - [`client`]: [`VmmClient`], typed methods over the socket; [`VmmClient::connect_vsock`]
 //!   returns a [`VsockStream`] (tokio `AsyncRead + AsyncWrite`).
 //!
+//! `Checkpoint` writes the VM to a checkpoint file ([`CheckpointSpec`] → [`CheckpointResult`]);
+//! the status of a VMM started from one says so ([`RestoreInfo`]).
+//!
 //! Refusals travel as gRPC status codes: a pause of a VM that is not running, a resume of a VM
 //! that is not paused and a tunnel on a VM without vsock are `FAILED_PRECONDITION`; a guest
 //! port nobody accepts on is `UNAVAILABLE`; a bad first tunnel message is `INVALID_ARGUMENT`.
@@ -24,5 +27,8 @@ mod tests;
 
 pub use client::{ClientError, VmmClient, VsockStream};
 pub use convert::InvalidReply;
-pub use handle::{DriveInfo, StateChange, VmState, VmStatus, VmmError, VmmHandle, VsockInfo};
+pub use handle::{
+    AfterCheckpoint, CheckpointResult, CheckpointSpec, DriveInfo, RestoreInfo, StateChange,
+    VmState, VmStatus, VmmError, VmmHandle, VsockInfo,
+};
 pub use server::{ControlSocket, ServeError, serve};

@@ -20,6 +20,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::{ReceiverStream, UnixListenerStream};
 use tonic::{Request, Response, Status, Streaming};
 
+use super::convert::checkpoint_spec_from_pb;
 use super::handle::{StateChange, VmState, VmmError, VmmHandle};
 use crate::unix_socket::{BindError, OwnerOnlySocket};
 
@@ -138,6 +139,7 @@ fn status_of(error: VmmError) -> Status {
             Status::failed_precondition(error.to_string())
         }
         VmmError::PortUnreachable { .. } => Status::unavailable(error.to_string()),
+        VmmError::InvalidArgument(_) => Status::invalid_argument(error.to_string()),
         VmmError::Failed(_) => Status::internal(error.to_string()),
     }
 }
@@ -209,6 +211,19 @@ impl VmmControl for ControlService {
     ) -> Result<Response<pb::ShutdownResponse>, Status> {
         self.call(|handle| handle.shutdown()).await?;
         Ok(Response::new(pb::ShutdownResponse {}))
+    }
+
+    async fn checkpoint(
+        &self,
+        request: Request<pb::CheckpointRequest>,
+    ) -> Result<Response<pb::CheckpointResponse>, Status> {
+        let spec = checkpoint_spec_from_pb(request.into_inner())
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let result = self
+            .call(move |handle| handle.checkpoint(spec))
+            .await?
+            .map_err(status_of)?;
+        Ok(Response::new(result.into()))
     }
 
     type ConnectVsockStream = ReceiverStream<Result<pb::ConnectVsockResponse, Status>>;

@@ -81,7 +81,42 @@ impl VmmHandle for FakeVmm {
                 },
             ],
             pid: 4242,
+            restored: Some(RestoreInfo {
+                checkpoint: "/var/lib/ditto/checkpoints/c1/checkpoint.ditto".into(),
+                memory: Duration::from_micros(1_500),
+                disk: Duration::from_micros(20),
+                total: Duration::from_micros(9_000),
+                pages_saved: 10,
+                pages_zero: 20,
+                pages_disk: 30,
+            }),
         }
+    }
+
+    /// Accepts a destination in an existing folder; a stop ends the VM.
+    fn checkpoint(&self, spec: CheckpointSpec) -> Result<CheckpointResult, VmmError> {
+        if !spec.path.parent().is_some_and(std::path::Path::is_dir) {
+            return Err(VmmError::InvalidArgument(format!(
+                "{}: no such folder",
+                spec.path.display()
+            )));
+        }
+        let mut state = self.state.lock().unwrap();
+        if spec.after == AfterCheckpoint::Stop {
+            *state = VmState::Stopped;
+        }
+        Ok(CheckpointResult {
+            path: spec.path,
+            file_bytes: 4096 * 3,
+            stored_bytes: if spec.uncompressed { 8192 } else { 100 },
+            pages_saved: 2,
+            pages_zero: 5,
+            pages_free: 0,
+            pages_disk: 0,
+            pause: Duration::from_micros(1234),
+            total: Duration::from_micros(5678),
+            state: *state,
+        })
     }
 
     fn pause(&self) -> Result<VmState, VmmError> {
@@ -266,6 +301,69 @@ fn pattern(len: usize) -> Vec<u8> {
             x.to_le_bytes()[0]
         })
         .collect()
+}
+
+#[tokio::test]
+async fn checkpoint_requests_and_results_cross_the_socket() {
+    let served = start(true);
+    let client = served.client().await;
+    let path = served.dir.path().join("c1.ckpt");
+    let result = client
+        .checkpoint(CheckpointSpec {
+            path: path.clone(),
+            after: AfterCheckpoint::Resume,
+            uncompressed: true,
+        })
+        .await
+        .unwrap();
+    assert_eq!(result.path, path);
+    assert_eq!(
+        (result.stored_bytes, result.pages_saved, result.pages_zero),
+        (8192, 2, 5)
+    );
+    assert_eq!(result.pause, Duration::from_micros(1234));
+    assert_eq!(result.state, VmState::Running);
+
+    let missing = served.dir.path().join("nowhere").join("c.ckpt");
+    let err = client
+        .checkpoint(CheckpointSpec {
+            path: missing,
+            after: AfterCheckpoint::Resume,
+            uncompressed: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(Code::InvalidArgument), "{err}");
+
+    // The server refuses a relative path and an unset mode before the VMM sees them.
+    let mut raw = pb::vmm_control_client::VmmControlClient::new(
+        crate::unix_socket::channel(&served.path).await.unwrap(),
+    );
+    for bad in [
+        pb::CheckpointRequest {
+            path: "rel.ckpt".into(),
+            mode: pb::CheckpointMode::Full.into(),
+            ..Default::default()
+        },
+        pb::CheckpointRequest {
+            path: "/tmp/x.ckpt".into(),
+            ..Default::default()
+        },
+    ] {
+        let status = raw.checkpoint(bad).await.unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    }
+
+    let stopped = client
+        .checkpoint(CheckpointSpec {
+            path,
+            after: AfterCheckpoint::Stop,
+            uncompressed: false,
+        })
+        .await
+        .unwrap();
+    assert_eq!(stopped.state, VmState::Stopped);
+    served.stop().await;
 }
 
 #[tokio::test]

@@ -128,6 +128,61 @@ impl RunArgs {
     }
 }
 
+/// The whole `ditto-vmm restore` command line.
+#[derive(clap::Args, Clone, Debug)]
+pub struct RestoreArgs {
+    /// The checkpoint file.
+    #[arg(long)]
+    pub from: PathBuf,
+    /// A new image for a drive of the checkpoint: `id=ID,path=PATH` (a copy of the disk it
+    /// had, of the same size). Repeatable.
+    #[arg(long = "drive", value_parser = parse_drive_path)]
+    pub drives: Vec<(String, PathBuf)>,
+    /// A new guest vsock context id (a clone next to the original needs its own).
+    #[arg(long)]
+    pub vsock_cid: Option<u64>,
+    /// A new host socket for the hybrid vsock.
+    #[arg(long)]
+    pub vsock_uds: Option<PathBuf>,
+    /// Host ports the guest may connect to over vsock (default: the checkpoint's). Repeatable.
+    #[arg(long = "vsock-host-port")]
+    pub vsock_host_ports: Vec<u32>,
+    /// Where the serial console goes: `stdout`, `off` or a file.
+    #[arg(long, default_value = "stdout")]
+    pub console: Console,
+    /// The control socket.
+    #[arg(long)]
+    pub control: Option<PathBuf>,
+    /// When the VMM ends, write why to this file (as `run --exit-file`).
+    #[arg(long)]
+    pub exit_file: Option<PathBuf>,
+}
+
+impl RestoreArgs {
+    /// The changes these arguments make to the checkpointed VM.
+    pub fn options(&self) -> super::snapshot::RestoreOptions {
+        super::snapshot::RestoreOptions {
+            drives: self.drives.clone(),
+            vsock_cid: self.vsock_cid,
+            vsock_uds: self.vsock_uds.clone(),
+            vsock_host_ports: self.vsock_host_ports.clone(),
+            console: self.console.clone(),
+        }
+    }
+}
+
+/// Parses a restore's new drive image, `id=ID,path=PATH`.
+pub fn parse_drive_path(spec: &str) -> Result<(String, PathBuf), ConfigError> {
+    let drive = parse_drive(spec)?;
+    if drive.read_only {
+        return Err(ConfigError::Drive {
+            spec: spec.to_owned(),
+            reason: "a restored drive keeps the mode it had; give only id and path".into(),
+        });
+    }
+    Ok((drive.id, drive.path))
+}
+
 /// Writes a drive as `parse_drive` reads it: `id=ID,path=PATH[,ro]`. A path containing a
 /// comma cannot be written this way (and cannot be given on the command line either).
 pub fn drive_spec(drive: &BlockConfig) -> String {

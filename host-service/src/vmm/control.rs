@@ -6,8 +6,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
+use super::snapshot::{After, CheckpointOptions, SnapshotError};
 use super::{EventSender, ExitReason, RunState, Vmm, VmmError as Error};
-use crate::control::{DriveInfo, VmState, VmStatus, VmmError, VmmHandle, VsockInfo};
+use crate::checkpoint::WriteOptions;
+use crate::control::{
+    AfterCheckpoint, CheckpointResult, CheckpointSpec, DriveInfo, VmState, VmStatus, VmmError,
+    VmmHandle, VsockInfo,
+};
 use crate::devices::virtio::vsock::unix;
 
 /// How long a vsock connection through the control socket may take to be accepted.
@@ -86,6 +91,7 @@ impl VmmHandle for VmmControl {
                 })
                 .collect(),
             pid: std::process::id(),
+            restored: vmm.restored().cloned(),
         }
     }
 
@@ -100,6 +106,64 @@ impl VmmHandle for VmmControl {
     fn shutdown(&self) {
         self.shutting_down.store(true, Ordering::SeqCst);
         self.events.send(ExitReason::Requested);
+    }
+
+    fn checkpoint(&self, spec: CheckpointSpec) -> Result<CheckpointResult, VmmError> {
+        let mut vmm = lock(&self.vmm);
+        if self.shutting_down.load(Ordering::SeqCst) {
+            return Err(VmmError::WrongState {
+                op: "checkpoint",
+                state: VmState::ShuttingDown,
+            });
+        }
+        let options = CheckpointOptions {
+            path: spec.path.clone(),
+            after: match spec.after {
+                AfterCheckpoint::Resume => After::Resume,
+                AfterCheckpoint::Stop => After::Stop,
+            },
+            write: WriteOptions {
+                compression: if spec.uncompressed {
+                    None
+                } else {
+                    WriteOptions::default().compression
+                },
+                ..WriteOptions::default()
+            },
+        };
+        let report = vmm.checkpoint(&options).map_err(|e| match e {
+            Error::WrongState(_) => VmmError::WrongState {
+                op: "checkpoint",
+                state: self.state(&vmm),
+            },
+            // The destination's folder is missing or not writable.
+            Error::Snapshot(e @ SnapshotError::Destination(_)) => {
+                VmmError::InvalidArgument(format!("path: {e}"))
+            }
+            e => VmmError::Failed(e.to_string()),
+        })?;
+        if spec.after == AfterCheckpoint::Stop {
+            // The checkpoint continues this VM; it must not run again here.
+            self.shutting_down.store(true, Ordering::SeqCst);
+            self.events
+                .send(ExitReason::Checkpointed(report.path.clone()));
+        }
+        let s = &report.stats;
+        Ok(CheckpointResult {
+            path: report.path.clone(),
+            file_bytes: s.file_bytes,
+            stored_bytes: s.stored_bytes,
+            pages_saved: s.pages_saved,
+            pages_zero: s.pages_zero,
+            pages_free: s.pages_free,
+            pages_disk: s.pages_disk,
+            pause: report.pause,
+            total: report.total,
+            state: match spec.after {
+                AfterCheckpoint::Stop => VmState::Stopped,
+                AfterCheckpoint::Resume => self.state(&vmm),
+            },
+        })
     }
 
     fn connect_vsock(&self, port: u32) -> Result<UnixStream, VmmError> {

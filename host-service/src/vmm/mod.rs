@@ -10,6 +10,7 @@ pub mod config;
 pub mod control;
 pub mod devices;
 pub mod exit_file;
+pub mod snapshot;
 
 use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
@@ -24,11 +25,13 @@ use crate::boot::loader::{self, LoadError};
 use crate::boot::reset_vector::{self, ResetVectorError};
 use crate::devices::legacy::power::{OnPowerEvent, PowerEvent};
 use crate::devices::virtio::vsock::unix::{self as vsock_unix, VsockUnixError, VsockUnixThread};
+use crate::kvm::memory::GuestMemory;
 use crate::kvm::runner::{ExitAction, RunnerError, VcpuThread};
 use crate::kvm::vcpu::{Vcpu, VcpuError, VcpuExitKind, VcpuState};
 use crate::kvm::vm::{Vm, VmDevicesState, VmError};
 use config::{ConfigError, VmConfig};
 use devices::{Devices, DevicesError, DevicesState};
+use snapshot::{RestoreReport, SnapshotError};
 
 /// How long a vCPU may take to leave `KVM_RUN` when pausing.
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -82,6 +85,9 @@ pub enum VmmError {
     /// KVM_GET_SUPPORTED_CPUID failed.
     #[error("cannot read the CPUID KVM supports: {0}")]
     Cpuid(kvm_ioctls::Error),
+    /// Taking or restoring a checkpoint.
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
     /// The operation needs the VM paused (or running) and it is not.
     #[error("the VM is {0:?}")]
     WrongState(RunState),
@@ -114,6 +120,9 @@ pub enum ExitReason {
     },
     /// The owner asked the VM to end.
     Requested,
+    /// A checkpoint was written and the VM stopped with it (it must not run on: the
+    /// checkpoint continues it).
+    Checkpointed(std::path::PathBuf),
     /// A vCPU failed; the guest cannot continue.
     Failed(String),
 }
@@ -125,6 +134,13 @@ impl std::fmt::Display for ExitReason {
             Self::Reset => f.write_str("the guest rebooted"),
             Self::TripleFault { vcpu } => write!(f, "vCPU {vcpu} shut down (triple fault)"),
             Self::Requested => f.write_str("the VMM was asked to end"),
+            Self::Checkpointed(path) => {
+                write!(
+                    f,
+                    "the VM was checkpointed to {} and stopped",
+                    path.display()
+                )
+            }
             Self::Failed(why) => write!(f, "a vCPU failed: {why}"),
         }
     }
@@ -205,6 +221,7 @@ pub struct Vmm {
     cpuid: CpuId,
     events: EventSender,
     started: Instant,
+    restored: Option<RestoreReport>,
 }
 
 impl std::fmt::Debug for Vmm {
@@ -224,6 +241,14 @@ fn host_mem_mib() -> Option<u64> {
     Some(kib / 1024)
 }
 
+/// Refuses guest memory larger than this host's RAM.
+fn check_host_memory(want_mib: u64) -> Result<(), VmmError> {
+    match host_mem_mib() {
+        Some(host_mib) if want_mib > host_mib => Err(VmmError::HostMemory { want_mib, host_mib }),
+        _ => Ok(()),
+    }
+}
+
 fn power_callback(events: &EventSender) -> OnPowerEvent {
     let events = events.clone();
     Arc::new(move |e| {
@@ -232,6 +257,35 @@ fn power_callback(events: &EventSender) -> OnPowerEvent {
             PowerEvent::Reset => ExitReason::Reset,
         })
     })
+}
+
+/// A KVM VM over `memory` with in-kernel devices, devices and parked vCPUs rebuilt from
+/// `state`.
+fn build_from_state(
+    memory: GuestMemory,
+    state: &VmmState,
+    events: &EventSender,
+    cpuid: &CpuId,
+) -> Result<(Vm, Devices, Vec<VcpuSlot>), VmmError> {
+    let mut vm = Vm::with_memory(memory)?;
+    vm.create_irqchip()?;
+    vm.restore_devices(&state.vm)?;
+    let devices = Devices::build(
+        &vm,
+        &state.config,
+        &state.layout,
+        Some(&state.devices),
+        power_callback(events),
+    )?;
+    let vcpu_count = u8::try_from(state.vcpus.len()).unwrap_or(u8::MAX);
+    let mut vcpus = Vec::with_capacity(state.vcpus.len());
+    for s in &state.vcpus {
+        let mut vcpu = vm.create_vcpu(s.index)?;
+        cpu::setup_vcpu(&vcpu, cpuid, vcpu_count, true)?;
+        vcpu.restore_state(s)?;
+        vcpus.push(VcpuSlot::Parked(vcpu));
+    }
+    Ok((vm, devices, vcpus))
 }
 
 /// Starts the host side of the vsock device: the hybrid Unix socket and its event thread.
@@ -253,14 +307,7 @@ impl Vmm {
     /// ACPI tables, devices and vCPUs. Every input is checked here, before the guest runs.
     pub fn build(config: VmConfig) -> Result<(Self, VmmEvents), VmmError> {
         config.validate()?;
-        if let Some(host_mib) = host_mem_mib()
-            && config.mem_mib > host_mib
-        {
-            return Err(VmmError::HostMemory {
-                want_mib: config.mem_mib,
-                host_mib,
-            });
-        }
+        check_host_memory(config.mem_mib)?;
         let virtio_devices = config.drives.len() + usize::from(config.vsock.is_some());
         let layout = Layout::plan(config.mem_mib, virtio_devices)?;
         let mut vm = Vm::new(&layout.memory)?;
@@ -307,8 +354,50 @@ impl Vmm {
             cpuid,
             events,
             started: Instant::now(),
+            restored: None,
         };
         Ok((vmm, VmmEvents { rx }))
+    }
+
+    /// A VM over `memory` (already holding the guest's pages) whose in-kernel devices, vCPUs
+    /// and devices are rebuilt from `state`, not started. The vsock host side is started and
+    /// paused, like the vCPUs.
+    fn assemble(memory: GuestMemory, state: &VmmState) -> Result<(Self, VmmEvents), VmmError> {
+        let (tx, rx) = mpsc::channel();
+        let events = EventSender(tx);
+        let kvm = kvm_ioctls::Kvm::new().map_err(|source| {
+            VmmError::Vm(VmError::Kvm {
+                op: "open /dev/kvm",
+                source,
+            })
+        })?;
+        let cpuid = kvm
+            .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+            .map_err(VmmError::Cpuid)?;
+        let (vm, devices, vcpus) = build_from_state(memory, state, &events, &cpuid)?;
+        let vsock_host = start_vsock_host(&state.config, &devices)?;
+        if let Some(v) = &vsock_host {
+            v.pause();
+        }
+        let vmm = Self {
+            config: state.config.clone(),
+            layout: state.layout.clone(),
+            vm,
+            devices,
+            vsock_host,
+            vcpus,
+            state: RunState::Created,
+            cpuid,
+            events,
+            started: Instant::now(),
+            restored: None,
+        };
+        Ok((vmm, VmmEvents { rx }))
+    }
+
+    /// How this VM came from a checkpoint, when it did ([`Vmm::restore`]).
+    pub fn restored(&self) -> Option<&RestoreReport> {
+        self.restored.as_ref()
     }
 
     /// The configuration.
@@ -489,24 +578,8 @@ impl Vmm {
         if self.state != RunState::Paused {
             return Err(VmmError::WrongState(self.state));
         }
-        let mut vm = Vm::with_memory(self.vm.memory().clone())?;
-        vm.create_irqchip()?;
-        vm.restore_devices(&state.vm)?;
-        let devices = Devices::build(
-            &vm,
-            &state.config,
-            &state.layout,
-            Some(&state.devices),
-            power_callback(&self.events),
-        )?;
-        let vcpu_count = u8::try_from(state.vcpus.len()).unwrap_or(u8::MAX);
-        let mut vcpus = Vec::with_capacity(state.vcpus.len());
-        for s in &state.vcpus {
-            let mut vcpu = vm.create_vcpu(s.index)?;
-            cpu::setup_vcpu(&vcpu, &self.cpuid, vcpu_count, true)?;
-            vcpu.restore_state(s)?;
-            vcpus.push(VcpuSlot::Parked(vcpu));
-        }
+        let (vm, devices, vcpus) =
+            build_from_state(self.vm.memory().clone(), state, &self.events, &self.cpuid)?;
         // The new host side resets the restored connections: host clients reconnect, as after
         // a restore from a file.
         if let Some(v) = self.vsock_host.take() {

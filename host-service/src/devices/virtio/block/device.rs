@@ -47,6 +47,16 @@ pub enum BlockError {
     /// The drive id is longer than virtio-blk's 20-byte serial.
     #[error("drive id {0:?} is longer than {ID_BYTES} bytes")]
     IdTooLong(String),
+    /// A restored disk is not the size the guest knew.
+    #[error("disk image {path} has {now} sectors but the guest knew {was}: not the disk it had")]
+    SizeChanged {
+        /// The image path.
+        path: PathBuf,
+        /// Sectors when the state was captured.
+        was: u64,
+        /// Sectors now.
+        now: u64,
+    },
 }
 
 /// How a disk is attached: its id (the serial the guest sees), its image and its mode.
@@ -162,9 +172,17 @@ impl Block {
         })
     }
 
-    /// Reopens a device from captured state; the written-sector record carries over.
+    /// Reopens a device from captured state; the written-sector record carries over. The image
+    /// must have the size it had ([`BlockError::SizeChanged`]).
     pub fn restore(state: &BlockState) -> Result<Self, BlockError> {
         let mut block = Self::open(state.config.clone())?;
+        if block.nsectors != state.nsectors {
+            return Err(BlockError::SizeChanged {
+                path: state.config.path.clone(),
+                was: state.nsectors,
+                now: block.nsectors,
+            });
+        }
         block.acked_features = state.acked_features;
         for r in &state.written {
             block

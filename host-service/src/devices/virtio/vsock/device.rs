@@ -45,6 +45,9 @@ pub const TX_QUEUE: usize = 1;
 pub const EVENT_QUEUE: usize = 2;
 /// Size of each queue.
 pub const QUEUE_SIZE: u16 = 256;
+/// `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET`: the device lost its connections and the guest must drop
+/// its own and read the guest cid again.
+pub const EVENT_TRANSPORT_RESET: u32 = 0;
 /// Most descriptors a gathered transmit packet may span (Linux uses at most 17: a header and
 /// one fragment per page of a 64 KiB payload).
 pub const MAX_DESCRIPTORS: usize = 64;
@@ -101,6 +104,9 @@ pub struct VsockState {
     pub muxer: MuxerState,
     /// Features the driver acknowledged.
     pub acked_features: u64,
+    /// A transport-reset event waits for a buffer of the guest's event queue.
+    #[serde(default)]
+    pub transport_reset_pending: bool,
 }
 
 /// A virtio-vsock device.
@@ -111,6 +117,7 @@ pub struct Vsock {
     events: Vec<VsockEvent>,
     queue_sizes: [u16; 3],
     waker: Option<EventFd>,
+    transport_reset_pending: bool,
 }
 
 /// Whether the chain's first descriptor holds more than a header and the chain goes on: a
@@ -182,6 +189,7 @@ impl Vsock {
             events: Vec::new(),
             queue_sizes: [QUEUE_SIZE; 3],
             waker: None,
+            transport_reset_pending: false,
         }
     }
 
@@ -189,6 +197,7 @@ impl Vsock {
     pub fn restore(state: VsockState) -> Self {
         let mut dev = Self::new(Muxer::restore(state.muxer));
         dev.acked_features = state.acked_features;
+        dev.transport_reset_pending = state.transport_reset_pending;
         dev
     }
 
@@ -197,7 +206,55 @@ impl Vsock {
         VsockState {
             muxer: self.muxer.state(),
             acked_features: self.acked_features,
+            transport_reset_pending: self.transport_reset_pending,
         }
+    }
+
+    /// Makes the device of a restored VM forget the connections it had (their host ends stayed
+    /// with the process that was checkpointed), gives the guest `guest_cid` (a restored clone
+    /// may get a new one), and queues a transport-reset event: on it the guest's driver resets
+    /// every connected socket and reads the cid again, while listening sockets stay. The event
+    /// goes out when [`EVENT_QUEUE`] is processed and the guest has a buffer there (Linux keeps
+    /// its event queue filled); notify that queue once the device is in place.
+    pub fn reset_transport(&mut self, guest_cid: u64) {
+        for key in self.muxer.drop_connections() {
+            self.events.push(VsockEvent::Closed(key));
+        }
+        self.muxer.set_guest_cid(guest_cid);
+        self.transport_reset_pending = true;
+    }
+
+    /// Whether a transport-reset event still waits for the guest's event queue.
+    pub fn transport_reset_pending(&self) -> bool {
+        self.transport_reset_pending
+    }
+
+    /// Writes the pending transport-reset event into the next event-queue buffer; returns
+    /// whether a buffer was used. A buffer too small or not device-writable is returned unused
+    /// and the event waits for the next one.
+    fn deliver_transport_reset(&mut self, queue: &mut Queue, mem: &GuestMemory) -> bool {
+        let mut used = false;
+        while self.transport_reset_pending {
+            let Some(mut chain) = queue.pop_descriptor_chain(mem) else {
+                break;
+            };
+            let head = chain.head_index();
+            let written = match chain.next() {
+                Some(d) if d.is_write_only() && d.len() >= 4 => mem
+                    .write_obj(EVENT_TRANSPORT_RESET.to_le(), d.addr())
+                    .is_ok(),
+                _ => false,
+            };
+            let len = if written { 4 } else { 0 };
+            if queue.add_used(mem, head, len).is_err() {
+                break;
+            }
+            used = true;
+            if written {
+                self.transport_reset_pending = false;
+            }
+        }
+        used
     }
 
     /// The connection table (the host side sends, receives and closes through it).
@@ -341,6 +398,7 @@ impl VirtioDevice for Vsock {
                     used = true;
                 }
             }
+            EVENT_QUEUE => used = self.deliver_transport_reset(queue, mem),
             _ => {}
         }
         if (index == TX_QUEUE && used) || !self.events.is_empty() {
@@ -559,6 +617,57 @@ mod tests {
             .collect();
         // The two receive chains' pages, and the used ring's page at 0x40000.
         assert_eq!(dirty, [0x8, 0x9, 0xa, 0x40]);
+    }
+
+    /// A restored device drops its connections, takes the new cid and tells the guest through
+    /// the event queue: a read-only or short buffer is skipped, the next good one gets the
+    /// transport-reset id, and nothing more is sent after it.
+    #[test]
+    fn transport_reset_goes_to_the_event_queue_once() {
+        let (mem, mut dev) = setup();
+        connect(&mut dev, &mem);
+        dev.take_events();
+        dev.reset_transport(77);
+        assert_eq!(dev.take_events(), [VsockEvent::Closed(KEY)]);
+        assert!(dev.muxer().connection(KEY).is_none());
+        let mut cid = [0u8; 8];
+        dev.read_config(0, &mut cid);
+        assert_eq!(u64::from_le_bytes(cid), 77);
+        assert!(dev.state().transport_reset_pending);
+
+        mem.write_obj(0xffff_ffffu32, GuestAddress(0x8000))
+            .expect("poison");
+        mem.write_obj(0xffff_ffffu32, GuestAddress(0x9000))
+            .expect("poison");
+        mem.write_obj(0xffff_ffffu32, GuestAddress(0xa000))
+            .expect("poison");
+        let vq = MockSplitQueue::create(&mem, GuestAddress(0x4_0000), 16);
+        vq.add_desc_chains(
+            &[
+                desc(0x8000, 4, 0),
+                desc(0x9000, 2, W),
+                desc(0xa000, 4, W),
+                desc(0xb000, 4, W),
+            ],
+            0,
+        )
+        .expect("chains");
+        let mut queue: Queue = vq.create_queue().expect("queue");
+        assert!(dev.process_queue(EVENT_QUEUE, &mut queue, &mem));
+        assert!(!dev.transport_reset_pending());
+        let at = |addr| mem.read_obj::<u32>(GuestAddress(addr)).expect("read");
+        assert_eq!(at(0x8000), 0xffff_ffff, "read-only buffer untouched");
+        assert_eq!(at(0x9000), 0xffff_ffff, "short buffer untouched");
+        assert_eq!(at(0xa000), EVENT_TRANSPORT_RESET);
+        // Three buffers used (two of them with length 0); the fourth stays with the device.
+        let used = vq.used();
+        assert_eq!(used.idx().load(), 3);
+        assert!(!dev.process_queue(EVENT_QUEUE, &mut queue, &mem));
+        assert_eq!(used.idx().load(), 3);
+        // The state carries a pending reset into a checkpoint.
+        let mut again = Vsock::restore(dev.state());
+        again.reset_transport(78);
+        assert!(Vsock::restore(again.state()).transport_reset_pending());
     }
 
     #[test]

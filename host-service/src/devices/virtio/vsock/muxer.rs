@@ -149,6 +149,12 @@ impl Muxer {
         self.config.guest_cid
     }
 
+    /// Gives the guest another context id (a restored clone); packets addressed with the old
+    /// one are refused from now on.
+    pub fn set_guest_cid(&mut self, guest_cid: u64) {
+        self.config.guest_cid = guest_cid;
+    }
+
     /// Accepts guest connections to host port `port` from now on.
     pub fn listen(&mut self, port: u32) {
         self.listeners.insert(port);
