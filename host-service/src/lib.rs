@@ -19,7 +19,8 @@
 //! - [`atomic_file`]: files replaced atomically (records, exit files).
 //! - [`unix_socket`]: owner-only Unix socket files, shared by the servers.
 //! - [`checkpoint`]: the checkpoint file (page map, compressed chunks, state) and its writer and
-//!   reader.
+//!   reader; [`vmm::snapshot`] checkpoints and restores a whole VM with it.
+//! - [`disk_copy`]: sparse copies of disk images (the disks of a checkpoint and its clones).
 
 pub mod acpi;
 pub mod agent;
@@ -30,6 +31,7 @@ pub mod cli;
 pub mod control;
 pub mod daemon;
 pub mod devices;
+pub mod disk_copy;
 pub mod kvm;
 pub mod unix_socket;
 pub mod vmm;

@@ -5,6 +5,7 @@
 //! are in the folder named by `$DITTO_IMAGES`. Tests that need a Linux guest are `#[ignore]`d
 //! locally and run with `--include-ignored` in the box. [`vmm`] runs guests under ditto-vmm there.
 
+pub mod dittod;
 pub mod fixture;
 pub mod microvm;
 pub mod payload;

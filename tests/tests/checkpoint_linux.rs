@@ -111,7 +111,10 @@ impl Vm {
         }
     }
 
+    /// The guest agent, once the VMM serves its control socket (a restore fills memory
+    /// first).
     async fn agent(&self) -> AgentClient<Channel> {
+        self.control().await;
         agent_over_hybrid_vsock(self.uds.clone(), AGENT_PORT).await
     }
 }
@@ -319,6 +322,8 @@ fn checkpointed_guests_restore_with_their_memory_and_files_and_keep_running() {
                 restored.total.as_millis(),
                 running_after.as_millis()
             );
+            // The device drops packets that do not come from the clone's cid: the agent answers
+            // only if the guest took the new one from the transport reset.
             let mut agent = vm.agent().await;
             let (code, after) = verify(&mut agent).await;
             assert_eq!(code, 0, "{name}: {after}\n{}", vm.process.transcript());
@@ -328,13 +333,6 @@ fn checkpointed_guests_restore_with_their_memory_and_files_and_keep_running() {
                 up >= uptime_at_stop,
                 "{name}: the guest clock went back: {up} < {uptime_at_stop}"
             );
-            let (code, cid_seen) = sh(
-                &mut agent,
-                "cat /sys/class/vsock/vsock/local_cid 2>/dev/null || true",
-            )
-            .await;
-            assert_eq!(code, 0);
-            println!("{name}: guest local_cid: {}", cid_seen.trim());
             // The files are readable and writable on the clone's own disk.
             let (code, out) = sh(
                 &mut agent,

@@ -155,7 +155,8 @@ fn guest_boots_writes_its_disk_serves_the_agent_pauses_and_powers_off() {
     let status = vmm.wait_exit(Duration::from_secs(60));
     assert!(status.success(), "ditto-vmm: {status}");
     assert!(
-        vmm.stderr_text().contains("VM ended: the guest powered off"),
+        vmm.stderr_text()
+            .contains("VM ended: the guest powered off"),
         "{}",
         vmm.transcript()
     );

@@ -1,4 +1,5 @@
-//! `dittoctl`: the command line of `dittod`. One subcommand per RPC of `ditto.host.v1.Host`;
+//! `dittoctl`: the command line of `dittod`. One subcommand per RPC of `ditto.host.v1.Host`
+//! (`checkpoint`, `restore`, `checkpoints` and `delete-checkpoint` for checkpoints);
 //! VMs are named by name or id; readable output by default, `--json` for scripts; `exec`
 //! passes the guest program's output through and exits with its status.
 
@@ -115,6 +116,42 @@ enum Command {
         /// The program and its arguments.
         #[arg(last = true, required = true, value_name = "PROGRAM")]
         command: Vec<String>,
+    },
+    /// Checkpoints a running or paused VM (its memory, state and a copy of its disks).
+    Checkpoint {
+        /// Name or id.
+        vm: String,
+        /// What to store: `full` (every page; all-zero pages as zero).
+        #[arg(long, default_value = "full", value_parser = ["full"])]
+        mode: String,
+        /// End the VM once the checkpoint is written.
+        #[arg(long)]
+        stop: bool,
+        /// Store pages raw instead of zstd-compressed.
+        #[arg(long)]
+        uncompressed: bool,
+    },
+    /// Starts a new VM from a checkpoint, where its guest was.
+    Restore {
+        /// The checkpoint's id (see `dittoctl checkpoints`).
+        checkpoint: String,
+        /// The new VM's name (default: the checkpointed VM's).
+        #[arg(long)]
+        name: Option<String>,
+        /// The new VM's vsock context id (default: a free one).
+        #[arg(long)]
+        vsock_cid: Option<u32>,
+        /// An image to use instead of a copy of the checkpoint's disk: `id=ID,path=PATH`.
+        /// Repeatable.
+        #[arg(long = "drive", value_parser = ditto_host::vmm::config::parse_drive_path)]
+        drives: Vec<(String, PathBuf)>,
+    },
+    /// Lists the checkpoints.
+    Checkpoints,
+    /// Deletes a checkpoint and its disk copies.
+    DeleteCheckpoint {
+        /// The checkpoint's id.
+        checkpoint: String,
     },
     /// Prints a shell completion script.
     Completions {
@@ -387,6 +424,117 @@ async fn run(cli: Cli) -> Result<u8> {
                 (_, s) if s > 0 => 128u8.saturating_add(u8::try_from(s).unwrap_or(127)),
                 (c, _) => u8::try_from(c).unwrap_or(1),
             });
+        }
+        Command::Checkpoint {
+            vm,
+            mode: _,
+            stop,
+            uncompressed,
+        } => {
+            let bar = spinner(json, format!("checkpointing {vm}"));
+            let reply = client
+                .checkpoint(pb::CheckpointRequest {
+                    vm,
+                    mode: pb::CheckpointMode::Full.into(),
+                    stop,
+                    uncompressed,
+                })
+                .await;
+            bar.finish_and_clear();
+            let reply = reply?.into_inner();
+            if json {
+                print_json(&output::checkpoint_result_json(&reply));
+            } else {
+                let c = reply.checkpoint.unwrap_or_default();
+                let vm = reply.vm.unwrap_or_default();
+                println!(
+                    "checkpoint {} of {}: {} stored ({} file, {} of disk copies); pages: {} \
+                     saved, {} zero; paused {} ms, took {} ms; {} is {}",
+                    c.id,
+                    c.vm_name,
+                    output::human_bytes(c.stored_bytes),
+                    output::human_bytes(c.file_bytes),
+                    output::human_bytes(c.disk_copy_bytes),
+                    c.pages_saved,
+                    c.pages_zero,
+                    reply.pause_ms,
+                    reply.total_ms,
+                    vm.name,
+                    output::state_name(vm.state)
+                );
+            }
+        }
+        Command::Restore {
+            checkpoint,
+            name,
+            vsock_cid,
+            drives,
+        } => {
+            let bar = spinner(json, format!("restoring {checkpoint}"));
+            let drives = drives
+                .iter()
+                .map(|(id, path)| {
+                    Ok(pb::Drive {
+                        id: id.clone(),
+                        path: absolute(path)?,
+                        read_only: false,
+                    })
+                })
+                .collect::<Result<_>>()?;
+            let reply = client
+                .restore(pb::RestoreRequest {
+                    checkpoint,
+                    name: name.unwrap_or_default(),
+                    vsock_cid: vsock_cid.unwrap_or(0),
+                    drives,
+                })
+                .await;
+            bar.finish_and_clear();
+            let reply = reply?.into_inner();
+            let vm = reply.vm.unwrap_or_default();
+            if json {
+                let mut v = output::vm_json(&vm);
+                v["memory_ms"] = serde_json::json!(reply.memory_ms);
+                v["disk_copy_ms"] = serde_json::json!(reply.disk_copy_ms);
+                v["total_ms"] = serde_json::json!(reply.total_ms);
+                print_json(&v);
+            } else {
+                println!(
+                    "{} ({}): {} after {} ms (memory {} ms, disk copies {} ms)",
+                    vm.name,
+                    vm.id,
+                    output::state_name(vm.state),
+                    reply.total_ms,
+                    reply.memory_ms,
+                    reply.disk_copy_ms
+                );
+            }
+        }
+        Command::Checkpoints => {
+            let list = client
+                .list_checkpoints(pb::ListCheckpointsRequest {})
+                .await?
+                .into_inner()
+                .checkpoints;
+            if json {
+                print_json(&serde_json::Value::Array(
+                    list.iter().map(output::checkpoint_json).collect(),
+                ));
+            } else {
+                print!("{}", output::checkpoint_table(&list));
+            }
+        }
+        Command::DeleteCheckpoint { checkpoint } => {
+            client
+                .delete_checkpoint(pb::DeleteCheckpointRequest {
+                    checkpoint: checkpoint.clone(),
+                })
+                .await?;
+            if json {
+                print_json(&serde_json::json!({ "deleted": checkpoint }));
+            } else {
+                println!("checkpoint {checkpoint}: deleted");
+            }
         }
     }
     Ok(0)

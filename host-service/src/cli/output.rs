@@ -195,6 +195,72 @@ pub fn exec_json(r: &pb::GuestExecResponse) -> Value {
     })
 }
 
+/// A checkpoint as JSON.
+pub fn checkpoint_json(c: &pb::CheckpointInfo) -> Value {
+    json!({
+        "id": c.id,
+        "vm_id": c.vm_id,
+        "vm_name": c.vm_name,
+        "mode": "full",
+        "created_at_ms": c.created_at_ms,
+        "path": c.path,
+        "file_bytes": c.file_bytes,
+        "stored_bytes": c.stored_bytes,
+        "disk_copy_bytes": c.disk_copy_bytes,
+        "pages": {
+            "saved": c.pages_saved,
+            "zero": c.pages_zero,
+            "free": c.pages_free,
+            "disk": c.pages_disk,
+        },
+    })
+}
+
+/// The result of `dittoctl checkpoint --json`: the checkpoint's fields, its timings and the
+/// VM afterwards.
+pub fn checkpoint_result_json(r: &pb::CheckpointResponse) -> Value {
+    let mut v = checkpoint_json(&r.checkpoint.clone().unwrap_or_default());
+    v["pause_ms"] = json!(r.pause_ms);
+    v["total_ms"] = json!(r.total_ms);
+    v["vm"] = vm_json(&r.vm.clone().unwrap_or_default());
+    v
+}
+
+/// A byte count for people: `512 B`, `3.5 MiB`, `1.2 GiB`.
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
+    if n < 1024 {
+        return format!("{n} B");
+    }
+    let mut v = n as f64 / 1024.0;
+    let mut unit = 0;
+    while v >= 1024.0 && unit + 1 < UNITS.len() {
+        v /= 1024.0;
+        unit += 1;
+    }
+    format!("{v:.1} {}", UNITS[unit])
+}
+
+/// Checkpoints as a table for people.
+pub fn checkpoint_table(checkpoints: &[pb::CheckpointInfo]) -> String {
+    let mut out = format!(
+        "{:<32}  {:<20}  {:>10}  {:>10}  {:>10}\n",
+        "ID", "VM", "STORED", "FILE", "DISKS"
+    );
+    for c in checkpoints {
+        let _ = writeln!(
+            out,
+            "{:<32}  {:<20}  {:>10}  {:>10}  {:>10}",
+            c.id,
+            c.vm_name,
+            human_bytes(c.stored_bytes),
+            human_bytes(c.file_bytes),
+            human_bytes(c.disk_copy_bytes)
+        );
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -249,5 +315,34 @@ mod tests {
         assert_eq!(human_duration(Duration::from_secs(7380)), "2h03m");
         assert_eq!(state_name(99), "unknown(99)");
         assert_eq!(stop_method_name(1), "guest_poweroff");
+    }
+
+    #[test]
+    fn checkpoint_json_has_the_fields_scripts_use() {
+        let r = pb::CheckpointResponse {
+            checkpoint: Some(pb::CheckpointInfo {
+                id: "c".repeat(32),
+                stored_bytes: 5 << 20,
+                pages_saved: 1280,
+                ..Default::default()
+            }),
+            pause_ms: 12,
+            total_ms: 34,
+            vm: Some(vm("web", pb::VmState::Running, 42)),
+        };
+        let v = checkpoint_result_json(&r);
+        assert_eq!(v["id"], "c".repeat(32));
+        assert_eq!(v["stored_bytes"], 5 << 20);
+        assert_eq!(v["pause_ms"], 12);
+        assert_eq!(v["total_ms"], 34);
+        assert_eq!(v["pages"]["saved"], 1280);
+        assert_eq!(v["vm"]["state"], "running");
+        assert_eq!(human_bytes(512), "512 B");
+        assert_eq!(human_bytes(5 << 20), "5.0 MiB");
+        let t = checkpoint_table(&[r.checkpoint.unwrap()]);
+        assert!(
+            t.lines().nth(1).is_some_and(|l| l.contains("5.0 MiB")),
+            "{t}"
+        );
     }
 }

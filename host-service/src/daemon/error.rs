@@ -11,6 +11,9 @@ pub enum Error {
     /// No VM has that id or name (`NOT_FOUND`).
     #[error("no VM is named {0:?} or has that id (see `dittoctl list`)")]
     NotFound(String),
+    /// No checkpoint has that id (`NOT_FOUND`).
+    #[error("no checkpoint has the id {0:?} (see `dittoctl checkpoints`)")]
+    CheckpointNotFound(String),
     /// A request field is invalid (`INVALID_ARGUMENT`); the message starts with the field.
     #[error("{field}: {reason}")]
     InvalidArgument {
@@ -82,7 +85,7 @@ impl Error {
     /// The gRPC status code this error travels as.
     pub fn code(&self) -> Code {
         match self {
-            Self::NotFound(_) => Code::NotFound,
+            Self::NotFound(_) | Self::CheckpointNotFound(_) => Code::NotFound,
             Self::InvalidArgument { .. } => Code::InvalidArgument,
             Self::AlreadyExists(_) => Code::AlreadyExists,
             Self::WrongState { .. } | Self::Precondition(_) => Code::FailedPrecondition,

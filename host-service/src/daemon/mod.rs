@@ -11,12 +11,15 @@
 //! - [`service`]: the gRPC service over the registry, logged and measured.
 //! - [`listen`]: the Unix socket (0600), optional TCP with the TLS policy, reflection and health.
 //! - [`metrics`]: Prometheus metrics on `--metrics ADDR`.
+//! - [`checkpoints`]: checkpoints in the state directory (file, disk copies, record); taking
+//!   one of a running VM, restoring one as a new VM, listing and deleting them.
 //! - [`error`]: the daemon's error enum and the gRPC code of each variant.
 //!
 //! VMs outlive the daemon: a VMM runs in its own session, and a daemon that starts over the
 //! same state directory re-attaches to every VMM still running (checked by pid and process
 //! start time), so the daemon can be upgraded or restarted without stopping guests.
 
+pub mod checkpoints;
 pub mod error;
 pub mod listen;
 pub mod metrics;

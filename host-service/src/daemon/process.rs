@@ -76,12 +76,27 @@ fn pid_of(pid: u32) -> io::Result<Pid> {
 impl VmmProcess {
     /// Starts `ditto-vmm run` (the binary at `bin`) for `config`, with its control socket and
     /// exit file in the VM's folder, detached from the daemon.
-    pub fn spawn(bin: &Path, config: &VmConfig, paths: &VmPaths) -> io::Result<Self> {
+    ///
+    /// With `restore_from`, it runs `ditto-vmm restore --from` that checkpoint instead, with
+    /// the drives, vsock and console of `config`.
+    pub fn spawn(
+        bin: &Path,
+        config: &VmConfig,
+        restore_from: Option<&Path>,
+        paths: &VmPaths,
+    ) -> io::Result<Self> {
         let log = File::options().create(true).append(true).open(&paths.log)?;
         let mut command = Command::new(bin);
+        match restore_from {
+            None => {
+                command.arg("run").args(config.run_args());
+            }
+            Some(checkpoint) => {
+                command.arg("restore").arg("--from").arg(checkpoint);
+                command.args(config.restore_args());
+            }
+        }
         command
-            .arg("run")
-            .args(config.run_args())
             .arg("--control")
             .arg(&paths.control)
             .arg("--exit-file")
@@ -223,7 +238,7 @@ mod tests {
                 vsock: None,
                 console: crate::vmm::config::Console::Off,
             };
-            let child = VmmProcess::spawn(&script, &config, &paths).expect("spawn");
+            let child = VmmProcess::spawn(&script, &config, None, &paths).expect("spawn");
             assert_eq!(
                 rustix::process::getsid(Some(pid_of(child.pid()).expect("pid")))
                     .expect("sid")

@@ -126,6 +126,10 @@ pub struct VmRecord {
     pub created_at_ms: u64,
     /// Why the VM last failed or how it last ended.
     pub last_error: Option<String>,
+    /// Set while the VM's next start continues a checkpoint instead of booting: the checkpoint
+    /// file. Cleared once the restored VM runs.
+    #[serde(default)]
+    pub restore_from: Option<PathBuf>,
 }
 
 /// The files of one VM's folder.
@@ -273,6 +277,16 @@ impl StateDir {
         crate::atomic_file::write(&paths.record, &json)
     }
 
+    /// The folder of the checkpoint with this id (under `checkpoints/`).
+    pub fn checkpoint_dir(&self, id: &str) -> PathBuf {
+        self.checkpoints_root().join(id)
+    }
+
+    /// The folder holding every checkpoint's folder.
+    pub fn checkpoints_root(&self) -> PathBuf {
+        self.root.join("checkpoints")
+    }
+
     /// Removes a VM's folder and everything in it.
     pub fn remove(&self, id: &str) -> io::Result<()> {
         match std::fs::remove_dir_all(self.vm_paths(id).dir) {
@@ -308,6 +322,7 @@ mod tests {
             started_at_ms: Some(1),
             created_at_ms: 0,
             last_error: None,
+            restore_from: None,
         }
     }
 

@@ -18,6 +18,7 @@ use super::metrics;
 use super::process::VmmProcess;
 use super::record::{StateDir, VmPaths, VmPhase, VmRecord};
 use super::validate::{self, HostLimits, Machine};
+use crate::devices::virtio::block::BlockConfig;
 use crate::vmm::config::{Console, VmConfig, VsockConfig};
 
 /// Events kept for watchers that fall behind.
@@ -159,7 +160,7 @@ pub struct Registry {
     vms: Mutex<BTreeMap<String, Arc<Vm>>>,
     events: broadcast::Sender<Event>,
     /// Serialises creation and deletion, which check names, ids and cids across VMs.
-    membership: tokio::sync::Mutex<()>,
+    pub(super) membership: tokio::sync::Mutex<()>,
 }
 
 impl Registry {
@@ -272,10 +273,16 @@ impl Registry {
         saved.map(|()| record)
     }
 
-    /// Records a new VM.
-    pub async fn create(&self, name: &str, machine: Machine) -> Result<VmRecord, Error> {
+    /// Checks that a new VM named `name` with these drives may join (the name is free, the
+    /// VM count below its limit, no writable disk shared) and returns its vsock cid: `cid` if
+    /// it is free, else the first free one. The caller holds the membership lock.
+    pub(super) fn admit(
+        &self,
+        name: &str,
+        cid: Option<u64>,
+        drives: &[BlockConfig],
+    ) -> Result<u64, Error> {
         validate::name(name)?;
-        let _membership = self.membership.lock().await;
         let existing = self.list();
         if existing.iter().any(|v| v.name() == name) {
             return Err(Error::AlreadyExists(format!(
@@ -293,7 +300,7 @@ impl Registry {
             .iter()
             .filter_map(|r| r.config.vsock.as_ref().map(|v| v.cid))
             .collect();
-        let cid = match machine.vsock_cid {
+        let cid = match cid {
             Some(cid) => {
                 if let Some(other) = records
                     .iter()
@@ -310,7 +317,7 @@ impl Registry {
                 .find(|c| !used_cids.contains(c))
                 .ok_or_else(|| Error::ResourceExhausted("no free vsock cid".into()))?,
         };
-        for (i, drive) in machine.drives.iter().enumerate() {
+        for (i, drive) in drives.iter().enumerate() {
             let mine = std::fs::canonicalize(&drive.path).unwrap_or_else(|_| drive.path.clone());
             for other in &records {
                 for theirs in &other.config.drives {
@@ -328,6 +335,13 @@ impl Registry {
                 }
             }
         }
+        Ok(cid)
+    }
+
+    /// Records a new VM.
+    pub async fn create(&self, name: &str, machine: Machine) -> Result<VmRecord, Error> {
+        let _membership = self.membership.lock().await;
+        let cid = self.admit(name, machine.vsock_cid, &machine.drives)?;
         let id = uuid::Uuid::new_v4().simple().to_string();
         let paths = self.dir.vm_paths(&id);
         let record = VmRecord {
@@ -354,12 +368,20 @@ impl Registry {
             started_at_ms: None,
             created_at_ms: now_ms(),
             last_error: None,
+            restore_from: None,
         };
-        self.dir
-            .save(&record)
-            .map_err(Error::io(format!("cannot save the record of VM {name}")))?;
+        self.register(record, "created")
+    }
+
+    /// Saves a new VM's record and adds the VM. The caller holds the membership lock and has
+    /// [`admit`](Self::admit)ted it.
+    pub(super) fn register(&self, record: VmRecord, how: &str) -> Result<VmRecord, Error> {
+        self.dir.save(&record).map_err(Error::io(format!(
+            "cannot save the record of VM {}",
+            record.name
+        )))?;
         let vm = self.insert(record.clone());
-        self.emit(&vm, EventKind::Created, "created");
+        self.emit(&vm, EventKind::Created, how);
         self.publish_counts();
         Ok(record)
     }

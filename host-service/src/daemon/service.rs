@@ -11,6 +11,7 @@ use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
+use super::checkpoints::{CheckpointRecord, RestoreRequest};
 use super::error::Error;
 use super::metrics;
 use super::record::{VmPhase, VmRecord};
@@ -89,31 +90,11 @@ fn path_string(p: &std::path::Path) -> String {
 }
 
 fn record_to_pb(record: &VmRecord, uptime: Option<Duration>, dir: &std::path::Path) -> pb::Vm {
-    let c = &record.config;
     pb::Vm {
         id: record.id.clone(),
         name: record.name.clone(),
         state: phase_to_pb(record.state).into(),
-        spec: Some(pb::VmSpec {
-            kernel: path_string(&c.kernel),
-            initrd: c.initrd.as_deref().map(path_string),
-            cmdline: c.cmdline.clone(),
-            vcpus: u32::from(c.vcpus),
-            memory_mib: c.mem_mib,
-            drives: c
-                .drives
-                .iter()
-                .map(|d| pb::Drive {
-                    id: d.id.clone(),
-                    path: path_string(&d.path),
-                    read_only: d.read_only,
-                })
-                .collect(),
-            vsock_cid: c
-                .vsock
-                .as_ref()
-                .map_or(0, |v| u32::try_from(v.cid).unwrap_or(0)),
-        }),
+        spec: Some(spec_to_pb(&record.config)),
         pid: if record.state.has_process() {
             record.pid.unwrap_or(0)
         } else {
@@ -123,6 +104,52 @@ fn record_to_pb(record: &VmRecord, uptime: Option<Duration>, dir: &std::path::Pa
         last_error: record.last_error.clone().unwrap_or_default(),
         created_at_ms: record.created_at_ms,
         dir: path_string(dir),
+    }
+}
+
+fn spec_to_pb(c: &crate::vmm::config::VmConfig) -> pb::VmSpec {
+    pb::VmSpec {
+        kernel: path_string(&c.kernel),
+        initrd: c.initrd.as_deref().map(path_string),
+        cmdline: c.cmdline.clone(),
+        vcpus: u32::from(c.vcpus),
+        memory_mib: c.mem_mib,
+        drives: c
+            .drives
+            .iter()
+            .map(|d| pb::Drive {
+                id: d.id.clone(),
+                path: path_string(&d.path),
+                read_only: d.read_only,
+            })
+            .collect(),
+        vsock_cid: c
+            .vsock
+            .as_ref()
+            .map_or(0, |v| u32::try_from(v.cid).unwrap_or(0)),
+    }
+}
+
+fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+fn checkpoint_to_pb(c: &CheckpointRecord, dir: &std::path::Path) -> pb::CheckpointInfo {
+    pb::CheckpointInfo {
+        id: c.id.clone(),
+        vm_id: c.vm_id.clone(),
+        vm_name: c.vm_name.clone(),
+        mode: pb::CheckpointMode::Full.into(),
+        created_at_ms: c.created_at_ms,
+        path: path_string(&CheckpointRecord::file(dir)),
+        file_bytes: c.file_bytes,
+        stored_bytes: c.stored_bytes,
+        disk_copy_bytes: c.disk_copy_bytes,
+        pages_saved: c.pages_saved,
+        pages_zero: c.pages_zero,
+        pages_free: c.pages_free,
+        pages_disk: c.pages_disk,
+        spec: Some(spec_to_pb(&c.vm.config)),
     }
 }
 
@@ -354,6 +381,102 @@ impl Host for HostService {
                 stderr: reply.stderr,
                 timed_out: reply.timed_out,
             })
+        })
+        .await
+    }
+
+    async fn checkpoint(
+        &self,
+        request: Request<pb::CheckpointRequest>,
+    ) -> Result<Response<pb::CheckpointResponse>, Status> {
+        let r = request.into_inner();
+        let registry = &self.registry;
+        self.run("checkpoint", &r.vm.clone(), async move {
+            match pb::CheckpointMode::try_from(r.mode) {
+                Ok(pb::CheckpointMode::Full | pb::CheckpointMode::Unspecified) => {}
+                Err(_) => {
+                    return Err(Error::invalid(
+                        "mode",
+                        format!("unknown checkpoint mode {}", r.mode),
+                    ));
+                }
+            }
+            let vm = registry.find(&r.vm)?;
+            let (checkpoint, timing) = registry.checkpoint(&vm, r.stop, r.uncompressed).await?;
+            let dir = registry.state_dir().checkpoint_dir(&checkpoint.id);
+            Ok(pb::CheckpointResponse {
+                checkpoint: Some(checkpoint_to_pb(&checkpoint, &dir)),
+                pause_ms: ms(timing.pause),
+                total_ms: ms(timing.total),
+                vm: Some(vm_to_pb(&vm)),
+            })
+        })
+        .await
+    }
+
+    async fn restore(
+        &self,
+        request: Request<pb::RestoreRequest>,
+    ) -> Result<Response<pb::RestoreResponse>, Status> {
+        let r = request.into_inner();
+        let registry = &self.registry;
+        self.run("restore", &r.checkpoint.clone(), async move {
+            let vsock_cid = match r.vsock_cid {
+                0 => None,
+                cid @ 1..=2 => {
+                    return Err(Error::invalid(
+                        "vsock_cid",
+                        format!("{cid} is reserved (need 3 or more)"),
+                    ));
+                }
+                cid => Some(u64::from(cid)),
+            };
+            let request = RestoreRequest {
+                checkpoint: r.checkpoint,
+                name: (!r.name.is_empty()).then_some(r.name),
+                vsock_cid,
+                drives: r
+                    .drives
+                    .into_iter()
+                    .map(|d| (d.id, std::path::PathBuf::from(d.path)))
+                    .collect(),
+            };
+            let (vm, timing) = registry.restore(request).await?;
+            Ok(pb::RestoreResponse {
+                vm: Some(vm_to_pb(&vm)),
+                memory_ms: ms(timing.memory),
+                disk_copy_ms: ms(timing.disk_copy),
+                total_ms: ms(timing.total),
+            })
+        })
+        .await
+    }
+
+    async fn list_checkpoints(
+        &self,
+        _request: Request<pb::ListCheckpointsRequest>,
+    ) -> Result<Response<pb::ListCheckpointsResponse>, Status> {
+        let registry = &self.registry;
+        self.run("list_checkpoints", "", async move {
+            let checkpoints = registry
+                .list_checkpoints()?
+                .iter()
+                .map(|c| checkpoint_to_pb(c, &registry.state_dir().checkpoint_dir(&c.id)))
+                .collect();
+            Ok(pb::ListCheckpointsResponse { checkpoints })
+        })
+        .await
+    }
+
+    async fn delete_checkpoint(
+        &self,
+        request: Request<pb::DeleteCheckpointRequest>,
+    ) -> Result<Response<pb::DeleteCheckpointResponse>, Status> {
+        let r = request.into_inner();
+        let registry = &self.registry;
+        self.run("delete_checkpoint", &r.checkpoint.clone(), async move {
+            registry.delete_checkpoint(&r.checkpoint).await?;
+            Ok(pb::DeleteCheckpointResponse {})
         })
         .await
     }

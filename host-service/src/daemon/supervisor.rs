@@ -75,7 +75,7 @@ fn wrong_state(vm: &Vm, op: &'static str, hint: &'static str) -> Error {
 }
 
 /// Waits until `ended` turns true, at most `limit`; true when it did.
-async fn ended_within(ended: &mut watch::Receiver<bool>, limit: Duration) -> bool {
+pub(super) async fn ended_within(ended: &mut watch::Receiver<bool>, limit: Duration) -> bool {
     matches!(
         tokio::time::timeout(limit, ended.wait_for(|e| *e)).await,
         Ok(Ok(_))
@@ -195,7 +195,12 @@ impl Registry {
             }
         }
         let bin = &self.options.vmm_bin;
-        let process = match VmmProcess::spawn(bin, &record.config, &vm.paths) {
+        let process = match VmmProcess::spawn(
+            bin,
+            &record.config,
+            record.restore_from.as_deref(),
+            &vm.paths,
+        ) {
             Ok(p) => p,
             Err(e) => {
                 let why = format!("cannot run {}: {e}", bin.display());
@@ -243,7 +248,10 @@ impl Registry {
             ended_within(&mut ended, Duration::from_millis(50)).await;
         }
         let _ = &process;
-        self.transition(vm, VmPhase::Running, "the vCPUs run", |_| {})
+        // A restored VM that ends later boots afresh from its disks.
+        self.transition(vm, VmPhase::Running, "the vCPUs run", |r| {
+            r.restore_from = None;
+        })
     }
 
     /// Waits until the guest agent of a running VM answers, at most `limit`.

@@ -276,6 +276,27 @@ impl VmConfig {
         for drive in &self.drives {
             args.extend(["--drive".into(), drive_spec(drive).into()]);
         }
+        self.push_vsock_and_console_args(&mut args);
+        args
+    }
+
+    /// The `ditto-vmm restore` arguments (after `--from FILE`) that give a restored VM this
+    /// configuration's drive images, vsock and console; the rest comes from the checkpoint.
+    pub fn restore_args(&self) -> Vec<OsString> {
+        let mut args: Vec<OsString> = Vec::new();
+        for drive in &self.drives {
+            let plain = BlockConfig {
+                read_only: false,
+                ..drive.clone()
+            };
+            args.extend(["--drive".into(), drive_spec(&plain).into()]);
+        }
+        self.push_vsock_and_console_args(&mut args);
+        args
+    }
+
+    /// Appends the vsock and console arguments, which `run` and `restore` share.
+    fn push_vsock_and_console_args(&self, args: &mut Vec<OsString>) {
         if let Some(v) = &self.vsock {
             args.extend([
                 "--vsock-cid".into(),
@@ -293,7 +314,6 @@ impl VmConfig {
             Console::Off => "off".into(),
             Console::File(path) => path.clone().into(),
         });
-        args
     }
 
     /// Checks what can be checked without touching files or KVM.
