@@ -379,6 +379,27 @@ fn checkpointed_guests_restore_with_their_memory_and_files_and_keep_running() {
         std::fs::remove_file(&copy).expect("remove the damaged copy");
     }
 
+    // A drive the checkpoint does not have, and a missing image, are refused before memory is
+    // touched.
+    let d = dir("bad-drives");
+    let missing = d.join("missing.ext4");
+    for (drive, expect) in [
+        (
+            format!("id=nope,path={}", root.display()),
+            "is not a drive of the checkpointed VM",
+        ),
+        (
+            format!("id=root,path={}", missing.display()),
+            "cannot open disk image",
+        ),
+    ] {
+        let mut vm = VmmProcess::restore(&stopped_ckpt, &d, &["--drive", &drive]);
+        let status = vm.wait_exit(Duration::from_secs(120));
+        assert!(!status.success(), "{drive}");
+        let stderr = vm.stderr_text();
+        assert!(stderr.contains(expect), "{drive}: {stderr}");
+    }
+
     // A drive of another size is refused.
     let d = dir("wrong-size");
     let disk = d.join("rootfs.ext4");

@@ -219,7 +219,13 @@ impl Registry {
         })?;
         let Running { process, mut ended } = self.supervise(vm, process);
 
-        let deadline = Instant::now() + START_TIMEOUT;
+        // A restore fills guest memory before it serves its control socket: give it time in
+        // proportion (16 s per GiB on top, ample for disks far slower than the page cache).
+        let restoring = match record.restore_from {
+            Some(_) => Duration::from_secs(record.config.mem_mib / 64),
+            None => Duration::ZERO,
+        };
+        let deadline = Instant::now() + START_TIMEOUT + restoring;
         loop {
             if *ended.borrow() {
                 let why = vm.record().last_error.unwrap_or_default();
@@ -241,7 +247,7 @@ impl Registry {
                     "ditto-vmm did not report VM {:?} running within {} s and was killed \
                      (see {})",
                     record.name,
-                    START_TIMEOUT.as_secs(),
+                    (START_TIMEOUT + restoring).as_secs(),
                     vm.paths.log.display()
                 )));
             }

@@ -335,3 +335,30 @@ proptest! {
         }
     }
 }
+
+/// A restored device refuses an image whose size is not the one the guest knew, and takes one
+/// of the same size with its written-sector record.
+#[test]
+fn restore_checks_the_disk_size_and_keeps_the_record() {
+    let (file, mut block) = disk(false);
+    let mem = memory();
+    let d = vec![
+        header(&mem, VIRTIO_BLK_T_OUT, 3),
+        Descriptor::new(DATA, 512, 0, 0),
+        status_desc(),
+    ];
+    assert_eq!(run(&mut block, &mem, d), (VIRTIO_BLK_S_OK, 1));
+    let state = block.state();
+    let restored = Block::restore(&state).expect("same image");
+    assert_eq!(restored.state().written, state.written);
+
+    file.as_file()
+        .set_len(state.nsectors * 512 + 4096)
+        .expect("grow");
+    match Block::restore(&state) {
+        Err(BlockError::SizeChanged { was, now, .. }) => {
+            assert_eq!((was, now), (state.nsectors, state.nsectors + 8));
+        }
+        other => panic!("a grown disk must be refused: {other:?}"),
+    }
+}

@@ -107,6 +107,10 @@ pub struct VsockState {
     /// A transport-reset event waits for a buffer of the guest's event queue.
     #[serde(default)]
     pub transport_reset_pending: bool,
+    /// The event was delivered and the guest has not yet kicked its event queue (it does so
+    /// once it has handled the event and taken the new cid).
+    #[serde(default)]
+    pub transport_reset_unacked: bool,
 }
 
 /// A virtio-vsock device.
@@ -118,6 +122,7 @@ pub struct Vsock {
     queue_sizes: [u16; 3],
     waker: Option<EventFd>,
     transport_reset_pending: bool,
+    transport_reset_unacked: bool,
 }
 
 /// Whether the chain's first descriptor holds more than a header and the chain goes on: a
@@ -190,6 +195,7 @@ impl Vsock {
             queue_sizes: [QUEUE_SIZE; 3],
             waker: None,
             transport_reset_pending: false,
+            transport_reset_unacked: false,
         }
     }
 
@@ -198,6 +204,7 @@ impl Vsock {
         let mut dev = Self::new(Muxer::restore(state.muxer));
         dev.acked_features = state.acked_features;
         dev.transport_reset_pending = state.transport_reset_pending;
+        dev.transport_reset_unacked = state.transport_reset_unacked;
         dev
     }
 
@@ -207,6 +214,7 @@ impl Vsock {
             muxer: self.muxer.state(),
             acked_features: self.acked_features,
             transport_reset_pending: self.transport_reset_pending,
+            transport_reset_unacked: self.transport_reset_unacked,
         }
     }
 
@@ -216,6 +224,11 @@ impl Vsock {
     /// every connected socket and reads the cid again, while listening sockets stay. The event
     /// goes out when [`EVENT_QUEUE`] is processed and the guest has a buffer there (Linux keeps
     /// its event queue filled); notify that queue once the device is in place.
+    ///
+    /// Until the guest has handled the event, nothing goes to its receive queue: a host
+    /// connection request it read first would be answered from the old cid and lost. Linux
+    /// kicks the event queue when it has handled events and refilled the buffer; that kick
+    /// releases the receive queue.
     pub fn reset_transport(&mut self, guest_cid: u64) {
         for key in self.muxer.drop_connections() {
             self.events.push(VsockEvent::Closed(key));
@@ -227,6 +240,11 @@ impl Vsock {
     /// Whether a transport-reset event still waits for the guest's event queue.
     pub fn transport_reset_pending(&self) -> bool {
         self.transport_reset_pending
+    }
+
+    /// Whether the receive queue is held until the guest has handled a transport reset.
+    fn rx_held(&self) -> bool {
+        self.transport_reset_pending || self.transport_reset_unacked
     }
 
     /// Writes the pending transport-reset event into the next event-queue buffer; returns
@@ -252,6 +270,7 @@ impl Vsock {
             used = true;
             if written {
                 self.transport_reset_pending = false;
+                self.transport_reset_unacked = true;
             }
         }
         used
@@ -265,7 +284,7 @@ impl Vsock {
     /// Whether packets wait for the guest's receive queue (the event loop should then process
     /// [`RX_QUEUE`]).
     pub fn rx_pending(&self) -> bool {
-        self.muxer.has_packet()
+        !self.rx_held() && self.muxer.has_packet()
     }
 
     /// Sets the eventfd the device writes when the host side has work: the guest's transmit
@@ -379,7 +398,7 @@ impl VirtioDevice for Vsock {
                 }
             }
             RX_QUEUE => {
-                while self.muxer.has_packet() {
+                while self.rx_pending() {
                     let Some(chain) = queue.pop_descriptor_chain(mem) else {
                         break;
                     };
@@ -398,7 +417,16 @@ impl VirtioDevice for Vsock {
                     used = true;
                 }
             }
-            EVENT_QUEUE => used = self.deliver_transport_reset(queue, mem),
+            EVENT_QUEUE => {
+                if self.transport_reset_unacked {
+                    // The guest handled the reset: what waits for its receive queue can go.
+                    self.transport_reset_unacked = false;
+                    if self.muxer.has_packet() {
+                        self.wake();
+                    }
+                }
+                used = self.deliver_transport_reset(queue, mem);
+            }
             _ => {}
         }
         if (index == TX_QUEUE && used) || !self.events.is_empty() {
@@ -662,8 +690,15 @@ mod tests {
         // Three buffers used (two of them with length 0); the fourth stays with the device.
         let used = vq.used();
         assert_eq!(used.idx().load(), 3);
+        // A host connection made now waits until the guest kicks its event queue.
+        let key = dev.muxer().connect(1234).expect("connect");
+        assert!(dev.muxer().has_packet());
+        assert!(!dev.rx_pending(), "held until the guest handled the reset");
+        assert!(dev.state().transport_reset_unacked);
         assert!(!dev.process_queue(EVENT_QUEUE, &mut queue, &mem));
         assert_eq!(used.idx().load(), 3);
+        assert!(dev.rx_pending(), "released by the guest's kick");
+        let _ = key;
         // The state carries a pending reset into a checkpoint.
         let mut again = Vsock::restore(dev.state());
         again.reset_transport(78);
