@@ -224,6 +224,26 @@ fn checkpointed_guests_restore_with_their_memory_and_files_and_keep_running() {
         assert_eq!(code, 0, "{out}");
         let control = original.control().await;
 
+        // A destination that cannot be written is refused before the guest is paused.
+        let refused = control
+            .checkpoint(CheckpointSpec {
+                path: PathBuf::from("/nonexistent-folder/c.ditto"),
+                after: AfterCheckpoint::Stop,
+                uncompressed: false,
+            })
+            .await
+            .expect_err("no such folder");
+        assert_eq!(
+            refused.code(),
+            Some(tonic::Code::InvalidArgument),
+            "{refused}"
+        );
+        assert_eq!(
+            control.status().await.expect("status").state,
+            VmState::Running,
+            "the VM runs on"
+        );
+
         // Checkpoint while running: paused for the disk copy and the checkpoint, then on.
         let (code, before_running) = verify(&mut agent).await;
         assert_eq!(code, 0, "{before_running}");

@@ -123,8 +123,25 @@ fn checkpoints_restore_as_clones_through_dittod_and_bad_requests_are_refused() {
     assert_eq!(code, 0, "{out}");
     let first = verify(&daemon, "origin");
 
-    // A checkpoint of the running VM: it runs on, intact.
-    let running = daemon.ctl_json(&["checkpoint", "origin"]);
+    // A destination that is not a folder is refused before anything is paused.
+    let err = daemon.ctl_fails(
+        &[
+            "checkpoint",
+            "origin",
+            "--destination",
+            "/nonexistent-folder",
+        ],
+        "InvalidArgument",
+    );
+    assert!(err.contains("destination"), "{err}");
+
+    // A checkpoint of the running VM into a folder of the caller's: it runs on, intact.
+    let dest = work.path().join("dest");
+    std::fs::create_dir(&dest).expect("mkdir");
+    let running = daemon.ctl_json(&["checkpoint", "origin", "--destination", &s(dest.clone())]);
+    let running_file = PathBuf::from(running["path"].as_str().expect("path"));
+    assert!(running_file.starts_with(&dest), "{running}");
+    assert!(running_file.is_file());
     for field in ["id", "stored_bytes", "pause_ms", "total_ms"] {
         assert!(!running[field].is_null(), "{field} in {running}");
     }
@@ -217,7 +234,7 @@ fn checkpoints_restore_as_clones_through_dittod_and_bad_requests_are_refused() {
     // A damaged checkpoint is refused and leaves no VM: a flipped page byte is found by the
     // VMM while it fills memory, a truncated file by dittod before it starts one.
     let running_id = running["id"].as_str().expect("id").to_owned();
-    let file = checkpoint_file(&daemon, &running_id);
+    let file = running_file.clone();
     let len = std::fs::metadata(&file).expect("checkpoint file").len();
     flip_byte(&file, len / 3);
     let err = daemon.ctl_fails(
@@ -250,6 +267,11 @@ fn checkpoints_restore_as_clones_through_dittod_and_bad_requests_are_refused() {
             .join("checkpoints")
             .join(&running_id)
             .exists(),
-        "the folder is gone"
+        "the record's folder is gone"
+    );
+    assert!(!dest.join(&running_id).exists(), "the data folder is gone");
+    assert!(
+        checkpoint_file(&daemon, &stopped_id).is_file(),
+        "the other checkpoint is in the state directory"
     );
 }

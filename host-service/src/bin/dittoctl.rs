@@ -130,6 +130,9 @@ enum Command {
         /// Store pages raw instead of zstd-compressed.
         #[arg(long)]
         uncompressed: bool,
+        /// A folder to put the checkpoint in (default: dittod's state directory).
+        #[arg(long)]
+        destination: Option<PathBuf>,
     },
     /// Starts a new VM from a checkpoint, where its guest was.
     Restore {
@@ -430,14 +433,17 @@ async fn run(cli: Cli) -> Result<u8> {
             mode: _,
             stop,
             uncompressed,
+            destination,
         } => {
             let bar = spinner(json, format!("checkpointing {vm}"));
+            let destination = destination.as_deref().map(absolute).transpose()?;
             let reply = client
                 .checkpoint(pb::CheckpointRequest {
                     vm,
                     mode: pb::CheckpointMode::Full.into(),
                     stop,
                     uncompressed,
+                    destination: destination.unwrap_or_default(),
                 })
                 .await;
             bar.finish_and_clear();

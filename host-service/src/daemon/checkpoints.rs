@@ -1,13 +1,14 @@
-//! Checkpoints kept by dittod, one folder each under `checkpoints/<id>/` of the state
-//! directory:
+//! Checkpoints kept by dittod. Each has a folder (`checkpoints/<id>/` of the state directory,
+//! or `<destination>/<id>/` when the caller names a destination) holding
 //!
 //! - `checkpoint.ditto`: the checkpoint file the VMM wrote (state and memory);
 //! - `drive-<n>.img`: a sparse copy of each writable disk, taken while the VM was paused for
 //!   the checkpoint, so the disks match the memory (read-only disks are referenced where they
 //!   are);
-//! - `checkpoint.json`: the record, written last and atomically. A folder without one is an
-//!   unfinished checkpoint (the daemon stopped in the middle): it is not listed, and it is
-//!   removed when found.
+//!
+//! and a record, `checkpoints/<id>/checkpoint.json` in the state directory, written last and
+//! atomically. A folder there without one is an unfinished checkpoint (the daemon stopped in
+//! the middle): it is not listed, and it is removed when found.
 //!
 //! A restore makes a new VM whose writable disks are fresh copies of the checkpoint's (or
 //! images the caller names), so one checkpoint gives any number of independent clones and
@@ -48,6 +49,8 @@ pub struct CheckpointRecord {
     pub created_at_ms: u64,
     /// The VM's record then (configuration included).
     pub vm: VmRecord,
+    /// The folder holding the checkpoint file and the disk copies.
+    pub dir: PathBuf,
     /// For each drive of the configuration: the copy in this folder, or `None` for a
     /// read-only drive used where it is.
     pub drive_copies: Vec<Option<PathBuf>>,
@@ -68,9 +71,9 @@ pub struct CheckpointRecord {
 }
 
 impl CheckpointRecord {
-    /// The checkpoint file, in `dir` (the checkpoint's folder).
-    pub fn file(dir: &Path) -> PathBuf {
-        dir.join(FILE)
+    /// The checkpoint file.
+    pub fn file(&self) -> PathBuf {
+        self.dir.join(FILE)
     }
 }
 
@@ -173,22 +176,39 @@ impl Registry {
     /// Removes checkpoint `id` and its disk copies.
     pub async fn delete_checkpoint(&self, id: &str) -> Result<(), Error> {
         let _membership = self.membership.lock().await;
-        self.checkpoint_record(id)?;
+        let record = self.checkpoint_record(id)?;
         let dir = self.checkpoint_dir_of(id)?;
         // The record goes first: a half-removed folder is an unfinished checkpoint.
         std::fs::remove_file(dir.join(RECORD))
-            .and_then(|()| std::fs::remove_dir_all(&dir))
+            .and_then(|()| match std::fs::remove_dir_all(&record.dir) {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                other => other,
+            })
+            .and_then(|()| match std::fs::remove_dir_all(&dir) {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                other => other,
+            })
             .map_err(Error::io(format!("cannot remove checkpoint {id}")))
     }
 
-    /// Takes a checkpoint of a running or paused VM (see the module documentation); with
-    /// `stop` the VM ends with it.
+    /// Takes a checkpoint of a running or paused VM (see the module documentation) into
+    /// `destination` (an existing folder; default: the state directory); with `stop` the VM
+    /// ends with it.
     pub async fn checkpoint(
         self: &Arc<Self>,
         vm: &Arc<Vm>,
+        destination: Option<&Path>,
         stop: bool,
         uncompressed: bool,
     ) -> Result<(CheckpointRecord, CheckpointTiming), Error> {
+        if let Some(d) = destination
+            && (!d.is_absolute() || !d.is_dir())
+        {
+            return Err(Error::invalid(
+                "destination",
+                format!("{} is not an absolute path to a folder", d.display()),
+            ));
+        }
         let started = Instant::now();
         let _op = vm.op.lock().await;
         let record = vm.record();
@@ -214,28 +234,52 @@ impl Registry {
             .await
             .map_err(vmm_failed("reach the VMM of"))?;
         let id = uuid::Uuid::new_v4().simple().to_string();
-        let root = self.state_dir().checkpoints_root();
-        let dir = root.join(&id);
+        let record_dir = self.state_dir().checkpoint_dir(&id);
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
-            .create(&dir)
-            .map_err(Error::io(format!("cannot create {}", dir.display())))?;
+            .create(&record_dir)
+            .map_err(Error::io(format!("cannot create {}", record_dir.display())))?;
+        let dir = match destination {
+            None => record_dir.clone(),
+            Some(d) => {
+                let dir = d.join(&id);
+                if let Err(e) = std::fs::DirBuilder::new().mode(0o700).create(&dir) {
+                    let _ = std::fs::remove_dir_all(&record_dir);
+                    return Err(Error::invalid(
+                        "destination",
+                        format!("cannot create {}: {e}", dir.display()),
+                    ));
+                }
+                dir
+            }
+        };
+        let remove = || {
+            let _ = std::fs::remove_dir_all(&dir);
+            let _ = std::fs::remove_dir_all(&record_dir);
+        };
 
         let was_running = record.state == VmPhase::Running;
         let paused_at = Instant::now();
         if was_running && let Err(e) = client.pause().await {
-            let _ = std::fs::remove_dir_all(&dir);
+            remove();
             return Err(vmm_failed("pause")(e));
         }
-        let taken = self
-            .write_checkpoint(&client, &record, &dir, &id, stop, uncompressed)
-            .await;
+        let taken = write_checkpoint(Job {
+            client: &client,
+            record: &record,
+            dir: &dir,
+            record_dir: &record_dir,
+            id: &id,
+            stop,
+            uncompressed,
+        })
+        .await;
         let mut pause = paused_at.elapsed();
         let checkpoint = match taken {
             Ok(c) => c,
             Err(e) => {
-                let _ = std::fs::remove_dir_all(&dir);
+                remove();
                 if was_running {
                     // The guest runs on as before; the checkpoint's error is the one to report.
                     let _ = client.resume().await;
@@ -263,74 +307,6 @@ impl Registry {
         ))
     }
 
-    /// With the VM paused: copies its writable disks into `dir`, has the VMM write the
-    /// checkpoint file there, and writes the record.
-    async fn write_checkpoint(
-        &self,
-        client: &VmmClient,
-        record: &VmRecord,
-        dir: &Path,
-        id: &str,
-        stop: bool,
-        uncompressed: bool,
-    ) -> Result<CheckpointRecord, Error> {
-        let mut drive_copies = Vec::with_capacity(record.config.drives.len());
-        let mut disk_copy_bytes = 0;
-        for (i, drive) in record.config.drives.iter().enumerate() {
-            if drive.read_only {
-                drive_copies.push(None);
-                continue;
-            }
-            let to = dir.join(format!("drive-{i}.img"));
-            let (from, dst) = (drive.path.clone(), to.clone());
-            let copied = tokio::task::spawn_blocking(move || disk_copy::copy_sparse(&from, &dst))
-                .await
-                .map_err(|e| Error::Vmm(format!("the disk copy failed: {e}")))?
-                .map_err(|e| Error::io(e.to_string())(e.source))?;
-            disk_copy_bytes += copied.allocated_bytes;
-            drive_copies.push(Some(to));
-        }
-        let result = client
-            .checkpoint(CheckpointSpec {
-                path: CheckpointRecord::file(dir),
-                after: if stop {
-                    AfterCheckpoint::Stop
-                } else {
-                    AfterCheckpoint::Resume
-                },
-                uncompressed,
-            })
-            .await
-            .map_err(|e| {
-                Error::Vmm(format!(
-                    "the VMM could not checkpoint {:?}: {e}",
-                    record.name
-                ))
-            })?;
-        let checkpoint = CheckpointRecord {
-            id: id.to_owned(),
-            vm_id: record.id.clone(),
-            vm_name: record.name.clone(),
-            created_at_ms: now_ms(),
-            vm: record.clone(),
-            drive_copies,
-            file_bytes: result.file_bytes,
-            stored_bytes: result.stored_bytes,
-            disk_copy_bytes,
-            pages_saved: result.pages_saved,
-            pages_zero: result.pages_zero,
-            pages_free: result.pages_free,
-            pages_disk: result.pages_disk,
-        };
-        let json = serde_json::to_vec_pretty(&checkpoint).map_err(|e| {
-            Error::io("cannot encode the checkpoint record")(std::io::Error::other(e))
-        })?;
-        crate::atomic_file::write(&dir.join(RECORD), &json).map_err(Error::io(format!(
-            "cannot write the record of checkpoint {id}"
-        )))?;
-        Ok(checkpoint)
-    }
-
     /// Makes a new VM from a checkpoint and starts it (see the module documentation).
     pub async fn restore(
         self: &Arc<Self>,
@@ -338,10 +314,9 @@ impl Registry {
     ) -> Result<(Arc<Vm>, RestoreTiming), Error> {
         let started = Instant::now();
         let checkpoint = self.checkpoint_record(&request.checkpoint)?;
-        let source_dir = self.checkpoint_dir_of(&checkpoint.id)?;
         // The file's structure and metadata checksums (the VMM checks every chunk as it
         // restores).
-        let file = CheckpointRecord::file(&source_dir);
+        let file = checkpoint.file();
         let opened = tokio::task::spawn_blocking(move || CheckpointReader::open(&file).map(drop))
             .await
             .map_err(|e| Error::Vmm(format!("checking the checkpoint failed: {e}")))?;
@@ -404,14 +379,7 @@ impl Registry {
                 let given = request.drives.iter().any(|(id, _)| *id == drive.id);
                 if let (Some(copy), false) = (copy, given) {
                     let to = paths.dir.join(format!("drive-{i}.img"));
-                    let (from, dst) = (copy.clone(), to.clone());
-                    let copied =
-                        tokio::task::spawn_blocking(move || disk_copy::copy_sparse(&from, &dst))
-                            .await
-                            .map_err(|e| Error::Vmm(format!("the disk copy failed: {e}")));
-                    if let Err(e) =
-                        copied.and_then(|c| c.map_err(|e| Error::io(e.to_string())(e.source)))
-                    {
+                    if let Err(e) = copy_disk(copy, &to).await {
                         let _ = std::fs::remove_dir_all(&paths.dir);
                         return Err(e);
                     }
@@ -437,7 +405,7 @@ impl Registry {
                 started_at_ms: None,
                 created_at_ms: now_ms(),
                 last_error: None,
-                restore_from: Some(CheckpointRecord::file(&source_dir)),
+                restore_from: Some(checkpoint.file()),
             };
             let how = format!("created from checkpoint {}", checkpoint.id);
             (self.register(record, &how)?, disk_copy)
@@ -474,6 +442,92 @@ impl Registry {
             },
         ))
     }
+}
+
+/// A sparse copy of a disk image, off the async threads.
+async fn copy_disk(from: &Path, to: &Path) -> Result<disk_copy::Copied, Error> {
+    let (from, to) = (from.to_owned(), to.to_owned());
+    tokio::task::spawn_blocking(move || disk_copy::copy_sparse(&from, &to))
+        .await
+        .map_err(|e| Error::Vmm(format!("the disk copy failed: {e}")))?
+        .map_err(|e| Error::io(e.to_string())(e.source))
+}
+
+/// One checkpoint being written.
+struct Job<'a> {
+    client: &'a VmmClient,
+    record: &'a VmRecord,
+    /// The folder for the file and the disk copies.
+    dir: &'a Path,
+    /// The folder for the record.
+    record_dir: &'a Path,
+    id: &'a str,
+    stop: bool,
+    uncompressed: bool,
+}
+
+/// With the VM paused: copies its writable disks into `job.dir`, has the VMM write the
+/// checkpoint file there, and writes the record into `job.record_dir`.
+async fn write_checkpoint(job: Job<'_>) -> Result<CheckpointRecord, Error> {
+    let Job {
+        client,
+        record,
+        dir,
+        record_dir,
+        id,
+        stop,
+        uncompressed,
+    } = job;
+    let mut drive_copies = Vec::with_capacity(record.config.drives.len());
+    let mut disk_copy_bytes = 0;
+    for (i, drive) in record.config.drives.iter().enumerate() {
+        if drive.read_only {
+            drive_copies.push(None);
+            continue;
+        }
+        let to = dir.join(format!("drive-{i}.img"));
+        disk_copy_bytes += copy_disk(&drive.path, &to).await?.allocated_bytes;
+        drive_copies.push(Some(to));
+    }
+    let result = client
+        .checkpoint(CheckpointSpec {
+            path: dir.join(FILE),
+            after: if stop {
+                AfterCheckpoint::Stop
+            } else {
+                AfterCheckpoint::Resume
+            },
+            uncompressed,
+        })
+        .await
+        .map_err(|e| {
+            Error::Vmm(format!(
+                "the VMM could not checkpoint {:?}: {e}",
+                record.name
+            ))
+        })?;
+    let checkpoint = CheckpointRecord {
+        id: id.to_owned(),
+        vm_id: record.id.clone(),
+        vm_name: record.name.clone(),
+        created_at_ms: now_ms(),
+        vm: record.clone(),
+        dir: dir.to_owned(),
+        drive_copies,
+        file_bytes: result.file_bytes,
+        stored_bytes: result.stored_bytes,
+        disk_copy_bytes,
+        pages_saved: result.pages_saved,
+        pages_zero: result.pages_zero,
+        pages_free: result.pages_free,
+        pages_disk: result.pages_disk,
+    };
+    let json = serde_json::to_vec_pretty(&checkpoint)
+        .map_err(|e| Error::io("cannot encode the checkpoint record")(std::io::Error::other(e)))?;
+    crate::atomic_file::write(&record_dir.join(RECORD), &json).map_err(Error::io(format!(
+        "cannot write the record of checkpoint {id}"
+    )))?;
+    Ok(checkpoint)
 }
 
 #[cfg(test)]

@@ -2,6 +2,7 @@
 //! ([`super::validate`]), turned into registry operations, and every operation is logged
 //! (`tracing`: VM id, operation, duration, outcome) and measured ([`super::metrics`]).
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -134,14 +135,14 @@ fn ms(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
-fn checkpoint_to_pb(c: &CheckpointRecord, dir: &std::path::Path) -> pb::CheckpointInfo {
+fn checkpoint_to_pb(c: &CheckpointRecord) -> pb::CheckpointInfo {
     pb::CheckpointInfo {
         id: c.id.clone(),
         vm_id: c.vm_id.clone(),
         vm_name: c.vm_name.clone(),
         mode: pb::CheckpointMode::Full.into(),
         created_at_ms: c.created_at_ms,
-        path: path_string(&CheckpointRecord::file(dir)),
+        path: path_string(&c.file()),
         file_bytes: c.file_bytes,
         stored_bytes: c.stored_bytes,
         disk_copy_bytes: c.disk_copy_bytes,
@@ -402,10 +403,12 @@ impl Host for HostService {
                 }
             }
             let vm = registry.find(&r.vm)?;
-            let (checkpoint, timing) = registry.checkpoint(&vm, r.stop, r.uncompressed).await?;
-            let dir = registry.state_dir().checkpoint_dir(&checkpoint.id);
+            let destination = (!r.destination.is_empty()).then(|| PathBuf::from(&r.destination));
+            let (checkpoint, timing) = registry
+                .checkpoint(&vm, destination.as_deref(), r.stop, r.uncompressed)
+                .await?;
             Ok(pb::CheckpointResponse {
-                checkpoint: Some(checkpoint_to_pb(&checkpoint, &dir)),
+                checkpoint: Some(checkpoint_to_pb(&checkpoint)),
                 pause_ms: ms(timing.pause),
                 total_ms: ms(timing.total),
                 vm: Some(vm_to_pb(&vm)),
@@ -438,7 +441,7 @@ impl Host for HostService {
                 drives: r
                     .drives
                     .into_iter()
-                    .map(|d| (d.id, std::path::PathBuf::from(d.path)))
+                    .map(|d| (d.id, PathBuf::from(d.path)))
                     .collect(),
             };
             let (vm, timing) = registry.restore(request).await?;
@@ -461,7 +464,7 @@ impl Host for HostService {
             let checkpoints = registry
                 .list_checkpoints()?
                 .iter()
-                .map(|c| checkpoint_to_pb(c, &registry.state_dir().checkpoint_dir(&c.id)))
+                .map(checkpoint_to_pb)
                 .collect();
             Ok(pb::ListCheckpointsResponse { checkpoints })
         })

@@ -36,12 +36,12 @@ pub enum SnapshotError {
     /// The destination cannot take a checkpoint file (its folder is missing or not writable);
     /// nothing was paused.
     #[error("cannot create the checkpoint: {0}")]
-    Destination(#[source] WriteError),
+    Destination(WriteError),
     /// The checkpoint file cannot be written.
-    #[error("cannot write the checkpoint: {0}")]
+    #[error(transparent)]
     Write(#[from] WriteError),
     /// The checkpoint file cannot be used.
-    #[error("cannot restore from the checkpoint: {0}")]
+    #[error(transparent)]
     Read(#[from] ReadError),
     /// A drive named for the restore is not one of the checkpoint's.
     #[error("drive {0:?} is not a drive of the checkpointed VM")]
