@@ -13,6 +13,10 @@ use crate::{cmd, images, setup};
 /// The package holding the end-to-end tests.
 const E2E_PACKAGE: &str = "ditto-tests";
 
+/// Memory of the box for the end-to-end tests: the checkpoint tests run a 1 GiB guest, then
+/// two clones of it at once, with their checkpoint files in the box's RAM-backed /tmp.
+const E2E_BOX_MEM_MIB: u64 = 6144;
+
 /// End-to-end test targets named so run on this host (they boot guests under QEMU); all others
 /// run inside the KVM test box.
 const HOST_PREFIX: &str = "host_";
@@ -84,7 +88,7 @@ pub fn run(args: &TestArgs) -> Result<()> {
         let code = testbox::run(&BoxArgs {
             forwards: Vec::new(),
             shares: Vec::new(),
-            mem_mib: testbox::DEFAULT_MEM_MIB,
+            mem_mib: E2E_BOX_MEM_MIB,
             native: false,
             timeout: args.box_timeout,
             command: vec!["sh".into(), "-c".into(), script],
