@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use ditto_host::control::{VmState, VmmClient};
 use ditto_host::vmm::config::{Console, DEFAULT_CMDLINE, VmConfig};
-use ditto_host::vmm::{Vmm, VmmState};
+use ditto_host::vmm::{ExitReason, Vmm, VmmState};
 use ditto_proto::agent::v1::{ExecRequest, InfoRequest, ScanRequest, scan_chunk};
 use ditto_tests::microvm::images_dir;
 use ditto_tests::vmm::{AGENT_PORT, VmmProcess, agent_over_hybrid_vsock, sparse_copy};
@@ -155,7 +155,8 @@ fn guest_boots_writes_its_disk_serves_the_agent_pauses_and_powers_off() {
     let status = vmm.wait_exit(Duration::from_secs(60));
     assert!(status.success(), "ditto-vmm: {status}");
     assert!(
-        vmm.stderr_text().contains("VM ended: PowerOff"),
+        vmm.stderr_text()
+            .contains(&format!("VM ended: {}", ExitReason::PowerOff)),
         "{}",
         vmm.transcript()
     );
@@ -231,7 +232,8 @@ fn guest_reboot_ends_the_vmm_cleanly() {
         let status = vmm.wait_exit(Duration::from_secs(60));
         assert!(status.success(), "{method:?}: ditto-vmm {status}");
         assert!(
-            vmm.stderr_text().contains("VM ended: Reset"),
+            vmm.stderr_text()
+                .contains(&format!("VM ended: {}", ExitReason::Reset)),
             "{method:?}: {}",
             vmm.transcript()
         );
