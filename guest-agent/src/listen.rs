@@ -76,6 +76,13 @@ impl std::fmt::Display for ListenAddr {
     }
 }
 
+/// Logs that the agent serves on `addr`. Called once the listener is bound and listening, so
+/// that a client that waits for this line (the tests watch the console for it) can connect at
+/// once: a connection made now queues in the backlog instead of being refused.
+fn announce(addr: &ListenAddr) {
+    tracing::info!(listen = %addr, "ditto-agent serving");
+}
+
 /// Serves the agent on `addr` until `shutdown` completes.
 pub async fn serve(
     addr: &ListenAddr,
@@ -94,6 +101,7 @@ pub async fn serve(
                 *port,
             ))
             .map_err(bind_error)?;
+            announce(addr);
             router
                 .serve_with_incoming_shutdown(listener.incoming(), shutdown)
                 .await?
@@ -106,6 +114,7 @@ pub async fn serve(
                 let _ = std::fs::remove_file(path);
             }
             let listener = tokio::net::UnixListener::bind(path).map_err(bind_error)?;
+            announce(addr);
             router
                 .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
                 .await?
@@ -114,6 +123,7 @@ pub async fn serve(
             let listener = tokio::net::TcpListener::bind(sock)
                 .await
                 .map_err(bind_error)?;
+            announce(addr);
             router
                 .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
                 .await?

@@ -108,7 +108,6 @@ fn serve(listen: &ListenAddr, service: AgentService) -> anyhow::Result<()> {
         .init();
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     runtime.block_on(async {
-        tracing::info!(%listen, "ditto-agent serving");
         let shutdown = async {
             let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
                 .ok();

@@ -3,7 +3,8 @@
 //! The tests in `tests/tests/` run twice under `cargo xtask test`: once on the development
 //! machine (against its own `/dev/kvm`) and once inside the KVM test box, where the guest images
 //! are in the folder named by `$DITTO_IMAGES`. Tests that need a Linux guest are `#[ignore]`d
-//! locally and run with `--include-ignored` in the box. [`vmm`] runs guests under ditto-vmm there.
+//! locally and run with `--include-ignored` in the box. [`vmm`] runs guests under ditto-vmm there,
+//! [`dittod`] under the real daemon and its CLI.
 
 pub mod dittod;
 pub mod fixture;

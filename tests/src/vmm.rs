@@ -1,7 +1,7 @@
 //! Runs Linux guests under ditto's own VMM (`ditto-vmm` from `$PATH`, or the library) inside
 //! the KVM test box: writable copies of the root image, the VMM process with its console in a
 //! file, waiting for console text, and a gRPC channel to the guest agent through the hybrid
-//! vsock socket.
+//! vsock socket or through a `ConnectVsock` tunnel of the VMM's control socket.
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -168,10 +168,91 @@ impl VmmProcess {
     }
 }
 
+/// A guest of the test image booted to a serving agent by [`spawn_agent_guest`].
+pub struct AgentGuest {
+    /// The VMM process.
+    pub vmm: VmmProcess,
+    /// The guest's own writable copy of the root image.
+    pub root: PathBuf,
+    /// The hybrid vsock socket.
+    pub uds: PathBuf,
+    /// The VMM's control socket.
+    pub control: PathBuf,
+    /// From the VMM's start until the console said the agent serves.
+    pub boot: Duration,
+}
+
+/// Boots the image in `images` with `vcpus` and `mem_mib` on a writable copy of its root disk
+/// (mounted `rw`), vsock context id 3, and the hybrid vsock socket, the control socket and the
+/// console in `dir`; waits at most `timeout` for the agent to serve.
+pub fn spawn_agent_guest(
+    images: &Path,
+    dir: &Path,
+    vcpus: u8,
+    mem_mib: u64,
+    timeout: Duration,
+) -> AgentGuest {
+    let root = dir.join("rootfs.ext4");
+    sparse_copy(&images.join("rootfs.ext4"), &root).expect("root copy");
+    let uds = dir.join("vsock.sock");
+    let control = dir.join("control.sock");
+    let path = |p: &Path| p.to_str().expect("UTF-8 path").to_owned();
+    let mut vmm = VmmProcess::spawn(
+        images,
+        &format!("id=root,path={}", root.display()),
+        dir,
+        "rw",
+        &[
+            "--vcpus",
+            &vcpus.to_string(),
+            "--mem-mib",
+            &mem_mib.to_string(),
+            "--vsock-cid",
+            "3",
+            "--vsock-uds",
+            &path(&uds),
+            "--control",
+            &path(&control),
+        ],
+    );
+    let boot = vmm.wait_for("ditto-agent serving", timeout);
+    AgentGuest {
+        vmm,
+        root,
+        uds,
+        control,
+        boot,
+    }
+}
+
 /// A gRPC client of the guest agent, connected through the hybrid vsock socket `uds`
 /// (`CONNECT <port>` then `OK`); panics when the agent cannot be reached.
 pub async fn agent_over_hybrid_vsock(uds: PathBuf, port: u32) -> AgentClient<Channel> {
     ditto_host::agent::connect(&uds, port, Duration::from_secs(10))
         .await
         .expect("agent channel over the hybrid vsock socket")
+}
+
+/// A gRPC client of the guest agent whose one connection is a `ConnectVsock` tunnel through
+/// the VMM's control socket `control` (not the hybrid vsock socket); panics when the tunnel
+/// cannot be opened.
+pub async fn agent_over_control_tunnel(control: PathBuf, port: u32) -> AgentClient<Channel> {
+    let channel = tonic::transport::Endpoint::from_static("http://guest-agent")
+        .connect_timeout(Duration::from_secs(10))
+        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+            let control = control.clone();
+            async move {
+                let client = ditto_host::control::VmmClient::connect(&control)
+                    .await
+                    .map_err(std::io::Error::other)?;
+                let stream = client
+                    .connect_vsock(port)
+                    .await
+                    .map_err(std::io::Error::other)?;
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+            }
+        }))
+        .await
+        .expect("agent channel through the control socket's ConnectVsock tunnel");
+    AgentClient::new(channel).max_decoding_message_size(ditto_host::agent::MAX_REPLY_BYTES)
 }

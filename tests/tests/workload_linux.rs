@@ -3,12 +3,11 @@
 //! fsynced files, its heartbeat advances between two verifies, and it keeps running (and
 //! verifying) across a two-second pause of the VM.
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use ditto_host::control::{VmState, VmmClient};
 use ditto_tests::microvm::images_dir;
-use ditto_tests::vmm::{AGENT_PORT, VmmProcess, agent_over_hybrid_vsock, sparse_copy};
+use ditto_tests::vmm::{AGENT_PORT, AgentGuest, agent_over_hybrid_vsock, spawn_agent_guest};
 use ditto_tests::workload::{CONTROL, WORKLOAD, count, sh, verify};
 use serde_json::Value;
 
@@ -21,29 +20,12 @@ const FILE_MIB: u64 = 16;
 fn the_workload_verifies_in_a_guest_and_its_heartbeat_advances_across_a_pause() {
     let images = images_dir().expect("images");
     let dir = tempfile::tempdir().expect("tmp");
-    let root = dir.path().join("rootfs.ext4");
-    sparse_copy(&images.join("rootfs.ext4"), &root).expect("root copy");
-    let uds = dir.path().join("vsock.sock");
-    let control = dir.path().join("control.sock");
-    let mut vmm = VmmProcess::spawn(
-        &images,
-        &format!("id=root,path={}", root.display()),
-        dir.path(),
-        "rw",
-        &[
-            "--vcpus",
-            "1",
-            "--mem-mib",
-            "256",
-            "--vsock-cid",
-            "3",
-            "--vsock-uds",
-            path_str(&uds),
-            "--control",
-            path_str(&control),
-        ],
-    );
-    vmm.wait_for("ditto-agent serving", BOOT);
+    let AgentGuest {
+        vmm: _vmm,
+        uds,
+        control,
+        ..
+    } = spawn_agent_guest(&images, dir.path(), 1, 256, BOOT);
 
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -126,8 +108,4 @@ fn the_workload_verifies_in_a_guest_and_its_heartbeat_advances_across_a_pause() 
         let (code, out) = sh(&mut agent, &format!("{WORKLOAD} stop --control {CONTROL}")).await;
         assert_eq!(code, 0, "{out}");
     });
-}
-
-fn path_str(path: &Path) -> &str {
-    path.to_str().expect("a UTF-8 path")
 }

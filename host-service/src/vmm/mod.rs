@@ -604,3 +604,63 @@ impl Vmm {
         self.layout.memory.total_bytes() / MIB
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use config::Console;
+
+    fn config(mem_mib: u64) -> VmConfig {
+        VmConfig {
+            kernel: "/nonexistent/vmlinuz".into(),
+            initrd: None,
+            cmdline: config::DEFAULT_CMDLINE.into(),
+            virtio_mmio_cmdline: false,
+            vcpus: 1,
+            mem_mib,
+            drives: vec![],
+            vsock: None,
+            console: Console::Off,
+        }
+    }
+
+    fn build_error(mem_mib: u64) -> VmmError {
+        match Vmm::build(config(mem_mib)) {
+            Ok(_) => panic!("a VM with a missing kernel was built"),
+            Err(e) => e,
+        }
+    }
+
+    #[test]
+    fn memory_larger_than_the_host_is_refused_before_anything_is_built() {
+        let host_mib = host_mem_mib().expect("MemTotal in /proc/meminfo");
+        assert!(host_mib > 0);
+        for want in [host_mib + 1, 2 * host_mib, u64::MAX] {
+            let e = build_error(want);
+            match &e {
+                VmmError::HostMemory {
+                    want_mib,
+                    host_mib: seen,
+                } => {
+                    assert_eq!((*want_mib, *seen), (want, host_mib));
+                }
+                other => panic!("{want} MiB: {other} instead of HostMemory"),
+            }
+            let message = e.to_string();
+            assert!(
+                message.contains(&format!("{want} MiB"))
+                    && message.contains(&format!("{host_mib} MiB of RAM")),
+                "{message}"
+            );
+        }
+        // Up to the host's size the memory check passes and the build fails later (here: on
+        // the missing kernel, or earlier on a machine without KVM), never on HostMemory.
+        for want in [256, host_mib] {
+            let e = build_error(want);
+            assert!(
+                !matches!(e, VmmError::HostMemory { .. }),
+                "{want} MiB refused: {e}"
+            );
+        }
+    }
+}
