@@ -546,6 +546,28 @@ async fn run(cli: Cli) -> Result<u8> {
     Ok(0)
 }
 
+/// An error and its causes, each `: cause` once (TLS and transport errors repeat themselves
+/// down their chains), for a message a person can act on.
+fn chain_text<'a>(
+    first: String,
+    causes: impl Iterator<Item = &'a dyn std::error::Error>,
+) -> String {
+    let mut out = first;
+    for cause in causes {
+        let text = cause.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+    }
+    out
+}
+
+/// The causes below `err`.
+fn sources(err: &dyn std::error::Error) -> impl Iterator<Item = &dyn std::error::Error> {
+    std::iter::successors(err.source(), |e| e.source())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let json = cli.json;
@@ -570,8 +592,18 @@ fn main() -> ExitCode {
                         "message": status.message(),
                     }})
                 ),
-                Some(status) => eprintln!("dittoctl: {:?}: {}", status.code(), status.message()),
-                None => eprintln!("dittoctl: {e:#}"),
+                Some(status) => eprintln!(
+                    "dittoctl: {:?}: {}",
+                    status.code(),
+                    chain_text(status.message().to_owned(), sources(status))
+                ),
+                None => eprintln!(
+                    "dittoctl: {}",
+                    chain_text(
+                        e.to_string(),
+                        e.chain().skip(1).map(|c| c as &dyn std::error::Error)
+                    )
+                ),
             }
             ExitCode::FAILURE
         }

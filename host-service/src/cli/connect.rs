@@ -45,7 +45,7 @@ pub enum ConnectError {
         source: std::io::Error,
     },
     /// Nothing answered.
-    #[error("cannot reach dittod at {target}: {source} (is dittod running?)")]
+    #[error("cannot reach dittod at {target} (is dittod running?)")]
     Connect {
         /// Where.
         target: String,
