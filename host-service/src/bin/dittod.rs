@@ -27,9 +27,10 @@ struct Args {
     /// The API's Unix socket (default: dittod.sock in the state directory).
     #[arg(long)]
     socket: Option<PathBuf>,
-    /// Also serve the API on this TCP address. A non-loopback address needs mutual TLS
-    /// (--tls-cert, --tls-key, --tls-client-ca) or --insecure.
-    #[arg(long)]
+    /// Also serve the API on TCP: `PORT` (on loopback, 127.0.0.1) or `ADDRESS:PORT`. A
+    /// non-loopback address needs mutual TLS (--tls-cert, --tls-key, --tls-client-ca) or
+    /// --insecure.
+    #[arg(long, value_parser = parse_tcp)]
     tcp: Option<SocketAddr>,
     /// The TCP listener's certificate chain (PEM).
     #[arg(long, requires_all = ["tcp", "tls_key"])]
@@ -52,6 +53,15 @@ struct Args {
     /// Most VMs this daemon manages at once.
     #[arg(long, default_value_t = 256)]
     max_vms: usize,
+}
+
+/// A TCP listening address: a bare port means loopback.
+fn parse_tcp(s: &str) -> Result<SocketAddr, String> {
+    if let Ok(port) = s.parse::<u16>() {
+        return Ok(SocketAddr::from(([127, 0, 0, 1], port)));
+    }
+    s.parse()
+        .map_err(|_| format!("{s:?} is neither a port nor ADDRESS:PORT"))
 }
 
 fn vmm_bin(given: Option<PathBuf>) -> Result<PathBuf> {
@@ -151,5 +161,22 @@ fn main() -> std::process::ExitCode {
             eprintln!("dittod: {e:#}");
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bare_port_listens_on_loopback() {
+        assert_eq!(parse_tcp("7000"), Ok("127.0.0.1:7000".parse().unwrap()));
+        assert_eq!(parse_tcp("[::1]:7000"), Ok("[::1]:7000".parse().unwrap()));
+        assert_eq!(
+            parse_tcp("0.0.0.0:7000"),
+            Ok("0.0.0.0:7000".parse().unwrap())
+        );
+        assert!(parse_tcp("localhost").is_err());
+        assert!(parse_tcp("70000").is_err());
     }
 }
