@@ -2,11 +2,12 @@
 //!
 //! The file is written without a name in the destination directory (`O_TMPFILE`) where the
 //! filesystem supports it, else under a hidden temporary name (`.NAME.PID.N.tmp`) there. When it
-//! is complete it is fsynced, given a temporary name (for an unnamed file), renamed over the
-//! final name and the directory is fsynced. So at every instant the final name holds either what
-//! it held before or the complete new file, a crash while writing leaves no name behind for an
-//! unnamed file (and at most a hidden temporary file otherwise), and dropping an unfinished file
-//! removes it.
+//! is complete it is fsynced and given its final name — an unnamed file is linked there at
+//! once when the name is free, else linked under a temporary name and renamed over it, as a
+//! named file is — and the directory is fsynced. So at every instant the final name holds either
+//! what it held before or the complete new file; a crash leaves nothing behind for an unnamed
+//! file at a new name, and at most a hidden temporary file otherwise (for an instant before the
+//! rename when an unnamed file replaces one); dropping an unfinished file removes it.
 
 use std::ffi::OsString;
 use std::fs::File;
@@ -128,6 +129,12 @@ impl PendingFile {
         let temp = match self.temp_name.clone() {
             Some(name) => name,
             None => {
+                // A new final name is linked at once: no temporary name ever exists.
+                match self.link_as(&self.final_name) {
+                    Ok(()) => return self.sync_dir(),
+                    Err(rustix::io::Errno::EXIST) => {}
+                    Err(e) => return Err(io_error("naming", &self.path, e.into())),
+                }
                 let name = self.link_unnamed()?;
                 self.temp_name = Some(name.clone());
                 name
@@ -137,37 +144,42 @@ impl PendingFile {
             .map_err(|e| io_error("renaming into place", &self.path, e.into()))?;
         // The temporary name is gone: nothing for Drop to remove.
         self.temp_name = None;
+        self.sync_dir()
+    }
+
+    fn sync_dir(&self) -> Result<(), WriteError> {
         rustix::fs::fsync(&self.dir)
             .map_err(|e| io_error("syncing the directory", &self.dir_path, e.into()))
     }
 
-    /// Gives the unnamed file a temporary name. `AT_EMPTY_PATH` needs `CAP_DAC_READ_SEARCH`;
-    /// without it the file is linked through `/proc/self/fd`.
+    /// Links the unnamed file as `name` in its directory (`EEXIST` when the name is taken).
+    /// `AT_EMPTY_PATH` needs `CAP_DAC_READ_SEARCH`; without it the file is linked through
+    /// `/proc/self/fd`.
+    fn link_as(&self, name: &std::ffi::OsStr) -> Result<(), rustix::io::Errno> {
+        let direct =
+            rustix::fs::linkat(self.file.as_fd(), "", &self.dir, name, AtFlags::EMPTY_PATH);
+        match direct {
+            Err(rustix::io::Errno::NOENT | rustix::io::Errno::PERM) => {
+                let proc_path = format!("/proc/self/fd/{}", fd_number(&self.file));
+                rustix::fs::linkat(
+                    CWD,
+                    proc_path.as_str(),
+                    &self.dir,
+                    name,
+                    AtFlags::SYMLINK_FOLLOW,
+                )
+            }
+            other => other,
+        }
+    }
+
+    /// Gives the unnamed file a temporary name (the final name is taken: the rename will
+    /// replace it).
     fn link_unnamed(&self) -> Result<OsString, WriteError> {
         let mut last = rustix::io::Errno::EXIST;
         for _ in 0..NAME_TRIES {
             let name = temp_name(&self.final_name);
-            let direct = rustix::fs::linkat(
-                self.file.as_fd(),
-                "",
-                &self.dir,
-                name.as_os_str(),
-                AtFlags::EMPTY_PATH,
-            );
-            let linked = match direct {
-                Err(rustix::io::Errno::NOENT | rustix::io::Errno::PERM) => {
-                    let proc_path = format!("/proc/self/fd/{}", fd_number(&self.file));
-                    rustix::fs::linkat(
-                        CWD,
-                        proc_path.as_str(),
-                        &self.dir,
-                        name.as_os_str(),
-                        AtFlags::SYMLINK_FOLLOW,
-                    )
-                }
-                other => other,
-            };
-            match linked {
+            match self.link_as(&name) {
                 Ok(()) => return Ok(name),
                 Err(rustix::io::Errno::EXIST) => last = rustix::io::Errno::EXIST,
                 Err(e) => return Err(io_error("naming", &self.path, e.into())),

@@ -906,6 +906,14 @@ fn named_temporary_files_are_removed_or_renamed() {
     pending.persist().expect("persist");
     assert_eq!(std::fs::read(&path).expect("final"), b"newer");
     assert_eq!(names_in(dir.path()), ["vm.ckpt"]);
+
+    // An unnamed file for a new name is linked there directly.
+    let fresh = dir.path().join("new.ckpt");
+    let pending = PendingFile::create_unnamed(&fresh).expect("unnamed");
+    pending.file().write_all_at(b"first", 0).expect("write");
+    pending.persist().expect("persist");
+    assert_eq!(std::fs::read(&fresh).expect("final"), b"first");
+    assert_eq!(names_in(dir.path()), ["new.ckpt", "vm.ckpt"]);
 }
 
 #[test]
