@@ -15,6 +15,18 @@ pub const CONTROL: &str = "/run/workload.sock";
 /// stdout, printing both streams when the code is not 0. Panics when the agent fails or the
 /// script times out.
 pub async fn sh(agent: &mut AgentClient<Channel>, script: &str) -> (i32, String) {
+    match try_sh(agent, script).await {
+        Ok(r) => r,
+        Err(status) => panic!("exec of {script:?}: {status:?}"),
+    }
+}
+
+/// [`sh`], with the agent's failure returned instead of a panic (so the caller can add what it
+/// knows, such as the guest's console).
+pub async fn try_sh(
+    agent: &mut AgentClient<Channel>,
+    script: &str,
+) -> Result<(i32, String), tonic::Status> {
     let reply = agent
         .exec(ExecRequest {
             program: "/bin/sh".into(),
@@ -22,8 +34,7 @@ pub async fn sh(agent: &mut AgentClient<Channel>, script: &str) -> (i32, String)
             timeout_ms: 600_000,
             ..Default::default()
         })
-        .await
-        .expect("exec")
+        .await?
         .into_inner();
     assert!(!reply.timed_out, "{script}: timed out: {reply:?}");
     let stdout = String::from_utf8_lossy(&reply.stdout).into_owned();
@@ -34,7 +45,7 @@ pub async fn sh(agent: &mut AgentClient<Channel>, script: &str) -> (i32, String)
             String::from_utf8_lossy(&reply.stderr)
         );
     }
-    (reply.exit_code, stdout)
+    Ok((reply.exit_code, stdout))
 }
 
 /// `ditto-workload verify --json` in the guest: the exit code and the report.

@@ -14,7 +14,7 @@ use ditto_host::control::{AfterCheckpoint, CheckpointSpec, VmState, VmmClient};
 use ditto_proto::agent::v1::agent_client::AgentClient;
 use ditto_tests::microvm::images_dir;
 use ditto_tests::vmm::{AGENT_PORT, VmmProcess, agent_over_hybrid_vsock, sparse_copy};
-use ditto_tests::workload::{CONTROL, WORKLOAD, count, sh, verify};
+use ditto_tests::workload::{CONTROL, WORKLOAD, count, sh, try_sh, verify};
 use serde_json::Value;
 use tonic::transport::Channel;
 
@@ -345,7 +345,18 @@ fn checkpointed_guests_restore_with_their_memory_and_files_and_keep_running() {
             // The device drops packets that do not come from the clone's cid: the agent answers
             // only if the guest took the new one from the transport reset.
             let mut agent = vm.agent().await;
-            let (code, after) = verify(&mut agent).await;
+            let verify_cmd = format!("{WORKLOAD} verify --json --control {CONTROL}");
+            let (code, out) = match try_sh(&mut agent, &verify_cmd).await {
+                Ok(r) => r,
+                Err(status) => {
+                    tokio::time::sleep(Duration::from_secs(2)).await;
+                    panic!(
+                        "{name}: the first exec after the restore failed: {status:?}\n{}",
+                        vm.process.transcript()
+                    )
+                }
+            };
+            let after: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
             assert_eq!(code, 0, "{name}: {after}\n{}", vm.process.transcript());
             assert_continues(&before_stop, &after, name);
             let up = uptime(&mut agent).await;

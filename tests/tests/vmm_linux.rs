@@ -19,6 +19,8 @@ use ditto_tests::vmm::{
 };
 
 const BOOT: Duration = Duration::from_secs(180);
+/// How long the steps of a test that talk to the guest may take together.
+const STEPS: Duration = Duration::from_secs(300);
 
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
@@ -69,71 +71,85 @@ fn guest_boots_writes_its_disk_serves_the_agent_pauses_and_powers_off() {
     );
 
     let token = format!("ditto-e2e-{}", std::process::id());
-    runtime().block_on(async {
-        let mut agent = agent_over_hybrid_vsock(uds.clone(), AGENT_PORT).await;
-        let info = agent.info(InfoRequest {}).await.expect("info").into_inner();
-        assert!(info.kernel_release.contains("cloud-amd64"), "{info:?}");
-        let cpus = exec(&mut agent, "grep -c ^processor /proc/cpuinfo").await;
-        assert_eq!(cpus.trim(), "2");
-        let mem_kib: u64 = exec(&mut agent, "awk '/MemTotal/ {print $2}' /proc/meminfo")
-            .await
-            .trim()
-            .parse()
-            .expect("MemTotal");
-        assert!((400_000..=524_288).contains(&mem_kib), "{mem_kib} KiB");
+    let steps = runtime().block_on(async {
+        tokio::time::timeout(STEPS, async {
+            let mut agent = agent_over_hybrid_vsock(uds.clone(), AGENT_PORT).await;
+            println!("step: info");
+            let info = agent.info(InfoRequest {}).await.expect("info").into_inner();
+            assert!(info.kernel_release.contains("cloud-amd64"), "{info:?}");
+            let cpus = exec(&mut agent, "grep -c ^processor /proc/cpuinfo").await;
+            assert_eq!(cpus.trim(), "2");
+            let mem_kib: u64 = exec(&mut agent, "awk '/MemTotal/ {print $2}' /proc/meminfo")
+                .await
+                .trim()
+                .parse()
+                .expect("MemTotal");
+            assert!((400_000..=524_288).contains(&mem_kib), "{mem_kib} KiB");
 
-        // ext4 over virtio-blk: write, sync, drop the cache, read back from the disk.
-        let read = exec(
-            &mut agent,
-            &format!(
-                "echo {token} > /root/e2e && sync && echo 3 > /proc/sys/vm/drop_caches && \
+            println!("step: ext4 write and read back");
+            // ext4 over virtio-blk: write, sync, drop the cache, read back from the disk.
+            let read = exec(
+                &mut agent,
+                &format!(
+                    "echo {token} > /root/e2e && sync && echo 3 > /proc/sys/vm/drop_caches && \
                  cat /root/e2e"
-            ),
-        )
-        .await;
-        assert_eq!(read.trim(), token);
+                ),
+            )
+            .await;
+            assert_eq!(read.trim(), token);
 
-        let mut scan = agent
-            .scan(ScanRequest::default())
-            .await
-            .expect("scan")
-            .into_inner();
-        let mut summary = None;
-        while let Some(chunk) = scan.message().await.expect("scan chunk") {
-            if let Some(scan_chunk::Body::Summary(s)) = chunk.body {
-                summary = Some(s);
+            println!("step: scan");
+            let mut scan = agent
+                .scan(ScanRequest::default())
+                .await
+                .expect("scan")
+                .into_inner();
+            let mut summary = None;
+            while let Some(chunk) = scan.message().await.expect("scan chunk") {
+                if let Some(scan_chunk::Body::Summary(s)) = chunk.body {
+                    summary = Some(s);
+                }
             }
-        }
-        let summary = summary.expect("scan summary");
-        assert!(summary.pages_reported > 0, "{summary:?}");
+            let summary = summary.expect("scan summary");
+            assert!(summary.pages_reported > 0, "{summary:?}");
 
-        // Pause for two seconds through the control socket; the guest carries on after.
-        let client = VmmClient::connect(&control).await.expect("control");
-        let before = uptime(&exec(&mut agent, "cat /proc/uptime").await);
-        let paused = client.pause().await.expect("pause");
-        assert_eq!(paused.state, VmState::Paused);
-        assert!(client.pause().await.is_err(), "pausing twice is refused");
-        tokio::time::sleep(Duration::from_secs(2)).await;
-        assert_eq!(
-            client.status().await.expect("status").state,
-            VmState::Paused
-        );
-        let resumed = client.resume().await.expect("resume");
-        assert_eq!(resumed.state, VmState::Running);
-        println!(
-            "measured: pause {} us, resume {} us",
-            paused.elapsed.as_micros(),
-            resumed.elapsed.as_micros()
-        );
-        let after = uptime(&exec(&mut agent, "cat /proc/uptime").await);
-        assert!(after > before, "uptime {before} then {after}");
+            println!("step: pause and resume");
+            // Pause for two seconds through the control socket; the guest carries on after.
+            let client = VmmClient::connect(&control).await.expect("control");
+            let before = uptime(&exec(&mut agent, "cat /proc/uptime").await);
+            let paused = client.pause().await.expect("pause");
+            assert_eq!(paused.state, VmState::Paused);
+            assert!(client.pause().await.is_err(), "pausing twice is refused");
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            assert_eq!(
+                client.status().await.expect("status").state,
+                VmState::Paused
+            );
+            let resumed = client.resume().await.expect("resume");
+            assert_eq!(resumed.state, VmState::Running);
+            println!(
+                "measured: pause {} us, resume {} us",
+                paused.elapsed.as_micros(),
+                resumed.elapsed.as_micros()
+            );
+            println!("step: uptime after the resume");
+            let after = uptime(&exec(&mut agent, "cat /proc/uptime").await);
+            assert!(after > before, "uptime {before} then {after}");
 
-        exec(
-            &mut agent,
-            "setsid sh -c 'sleep 1; poweroff -f' </dev/null >/dev/null 2>&1 &",
-        )
-        .await;
+            exec(
+                &mut agent,
+                "setsid sh -c 'sleep 1; poweroff -f' </dev/null >/dev/null 2>&1 &",
+            )
+            .await;
+        })
+        .await
     });
+    assert!(
+        steps.is_ok(),
+        "the guest's agent stopped answering within {STEPS:?} (the step printed last is \
+         the one that hung); console:\n{}",
+        vmm.transcript()
+    );
     let status = vmm.wait_exit(Duration::from_secs(60));
     assert!(status.success(), "ditto-vmm: {status}");
     assert!(
