@@ -107,7 +107,7 @@ fn serve(vmm: Vmm, events: VmmEvents, control: Option<&Path>, begin: Begin) -> R
 
 fn run(args: &RunArgs) -> Result<ExitReason> {
     let (vmm, events) = Vmm::build(args.config()).context("cannot build the VM")?;
-    serve(vmm, events, args.control.as_deref(), Begin::Boot)
+    serve(vmm, events, args.process.control.as_deref(), Begin::Boot)
 }
 
 fn restore(args: &RestoreArgs) -> Result<ExitReason> {
@@ -124,7 +124,7 @@ fn restore(args: &RestoreArgs) -> Result<ExitReason> {
         report.pages_zero,
         report.total.as_secs_f64() * 1e3,
     );
-    serve(vmm, events, args.control.as_deref(), Begin::Resume)
+    serve(vmm, events, args.process.control.as_deref(), Begin::Resume)
 }
 
 /// Reports how the VM ended, on standard error and in the exit file.
@@ -155,7 +155,7 @@ fn finish(outcome: Result<ExitReason>, exit_file: Option<&PathBuf>) -> ExitCode 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Run(args) => finish(run(&args), args.exit_file.as_ref()),
-        Command::Restore(args) => finish(restore(&args), args.exit_file.as_ref()),
+        Command::Run(args) => finish(run(&args), args.process.exit_file.as_ref()),
+        Command::Restore(args) => finish(restore(&args), args.process.exit_file.as_ref()),
     }
 }

@@ -351,22 +351,26 @@ impl Registry {
 
         let (record, disk_copy) = {
             let _membership = self.membership.lock().await;
+            // Each drive: an image the caller named, else a fresh copy of the checkpoint's
+            // (`None` below: made once admitted), else (read-only) the image it had.
+            let given = |id: &str| request.drives.iter().find(|(d, _)| d == id).map(|(_, p)| p);
             let mut drives = config.drives.clone();
-            // Admission sees the drives the new VM will use that exist already.
-            for drive in &mut drives {
-                if let Some((_, path)) = request.drives.iter().find(|(id, _)| *id == drive.id) {
-                    drive.path = path.clone();
+            let mut to_copy = Vec::new();
+            for ((i, drive), copy) in drives.iter_mut().enumerate().zip(&checkpoint.drive_copies) {
+                match (given(&drive.id), copy) {
+                    (Some(path), _) => drive.path = path.clone(),
+                    (None, Some(copy)) => to_copy.push((i, copy)),
+                    (None, None) => {}
                 }
             }
-            let given: Vec<_> = drives
+            // Admission sees the drives the new VM shares with others: not its own copies.
+            let shared: Vec<_> = drives
                 .iter()
-                .zip(&checkpoint.drive_copies)
-                .filter(|(d, copy)| {
-                    copy.is_none() || request.drives.iter().any(|(id, _)| *id == d.id)
-                })
-                .map(|(d, _)| d.clone())
+                .enumerate()
+                .filter(|(i, _)| !to_copy.iter().any(|(c, _)| c == i))
+                .map(|(_, d)| d.clone())
                 .collect();
-            let cid = self.admit(&name, request.vsock_cid, &given)?;
+            let cid = self.admit(&name, request.vsock_cid, &shared)?;
             let id = uuid::Uuid::new_v4().simple().to_string();
             let paths = self.state_dir().vm_paths(&id);
             std::fs::DirBuilder::new()
@@ -375,16 +379,13 @@ impl Registry {
                 .create(&paths.dir)
                 .map_err(Error::io(format!("cannot create {}", paths.dir.display())))?;
             let t = Instant::now();
-            for ((i, drive), copy) in drives.iter_mut().enumerate().zip(&checkpoint.drive_copies) {
-                let given = request.drives.iter().any(|(id, _)| *id == drive.id);
-                if let (Some(copy), false) = (copy, given) {
-                    let to = paths.dir.join(format!("drive-{i}.img"));
-                    if let Err(e) = copy_disk(copy, &to).await {
-                        let _ = std::fs::remove_dir_all(&paths.dir);
-                        return Err(e);
-                    }
-                    drive.path = to;
+            for (i, copy) in to_copy {
+                let to = paths.dir.join(format!("drive-{i}.img"));
+                if let Err(e) = copy_disk(copy, &to).await {
+                    let _ = std::fs::remove_dir_all(&paths.dir);
+                    return Err(e);
                 }
+                drives[i].path = to;
             }
             let disk_copy = t.elapsed();
             let mut vm_config = config.clone();
@@ -408,7 +409,10 @@ impl Registry {
                 restore_from: Some(checkpoint.file()),
             };
             let how = format!("created from checkpoint {}", checkpoint.id);
-            (self.register(record, &how)?, disk_copy)
+            let record = self.register(record, &how).inspect_err(|_| {
+                let _ = std::fs::remove_dir_all(&paths.dir);
+            })?;
+            (record, disk_copy)
         };
         let vm = self.find(&record.id)?;
         if let Err(e) = self.start(&vm).await {

@@ -91,10 +91,19 @@ pub struct RunArgs {
     /// Repeatable.
     #[arg(long = "vsock-host-port", requires = "vsock_uds")]
     pub vsock_host_ports: Vec<u32>,
+    /// The console, control socket and exit file.
+    #[command(flatten)]
+    pub process: ProcessArgs,
+}
+
+/// What `ditto-vmm run` and `ditto-vmm restore` both take: where the process puts its console,
+/// control socket and exit record.
+#[derive(clap::Args, Clone, Debug)]
+pub struct ProcessArgs {
     /// Where the serial console goes: `stdout`, `off` or a file.
     #[arg(long, default_value = "stdout")]
     pub console: Console,
-    /// The control socket (status, pause, resume, shutdown, vsock connections).
+    /// The control socket (status, pause, resume, shutdown, checkpoint, vsock connections).
     #[arg(long)]
     pub control: Option<PathBuf>,
     /// When the VMM ends, write why to this file (JSON: `clean`, `reason`), replacing it
@@ -123,7 +132,7 @@ impl RunArgs {
                     uds,
                     host_ports: self.vsock_host_ports.clone(),
                 }),
-            console: self.console.clone(),
+            console: self.process.console.clone(),
         }
     }
 }
@@ -147,15 +156,9 @@ pub struct RestoreArgs {
     /// Host ports the guest may connect to over vsock (default: the checkpoint's). Repeatable.
     #[arg(long = "vsock-host-port")]
     pub vsock_host_ports: Vec<u32>,
-    /// Where the serial console goes: `stdout`, `off` or a file.
-    #[arg(long, default_value = "stdout")]
-    pub console: Console,
-    /// The control socket.
-    #[arg(long)]
-    pub control: Option<PathBuf>,
-    /// When the VMM ends, write why to this file (as `run --exit-file`).
-    #[arg(long)]
-    pub exit_file: Option<PathBuf>,
+    /// The console, control socket and exit file.
+    #[command(flatten)]
+    pub process: ProcessArgs,
 }
 
 impl RestoreArgs {
@@ -166,7 +169,7 @@ impl RestoreArgs {
             vsock_cid: self.vsock_cid,
             vsock_uds: self.vsock_uds.clone(),
             vsock_host_ports: self.vsock_host_ports.clone(),
-            console: self.console.clone(),
+            console: self.process.console.clone(),
         }
     }
 }

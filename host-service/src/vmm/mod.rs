@@ -259,15 +259,14 @@ fn power_callback(events: &EventSender) -> OnPowerEvent {
     })
 }
 
-/// A KVM VM over `memory` with in-kernel devices, devices and parked vCPUs rebuilt from
-/// `state`.
+/// `vm` (fresh, over the guest's memory) with in-kernel devices, devices and parked vCPUs
+/// rebuilt from `state`.
 fn build_from_state(
-    memory: GuestMemory,
+    mut vm: Vm,
     state: &VmmState,
     events: &EventSender,
     cpuid: &CpuId,
 ) -> Result<(Vm, Devices, Vec<VcpuSlot>), VmmError> {
-    let mut vm = Vm::with_memory(memory)?;
     vm.create_irqchip()?;
     vm.restore_devices(&state.vm)?;
     let devices = Devices::build(
@@ -365,16 +364,12 @@ impl Vmm {
     fn assemble(memory: GuestMemory, state: &VmmState) -> Result<(Self, VmmEvents), VmmError> {
         let (tx, rx) = mpsc::channel();
         let events = EventSender(tx);
-        let kvm = kvm_ioctls::Kvm::new().map_err(|source| {
-            VmmError::Vm(VmError::Kvm {
-                op: "open /dev/kvm",
-                source,
-            })
-        })?;
-        let cpuid = kvm
+        let vm = Vm::with_memory(memory)?;
+        let cpuid = vm
+            .kvm()
             .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
             .map_err(VmmError::Cpuid)?;
-        let (vm, devices, vcpus) = build_from_state(memory, state, &events, &cpuid)?;
+        let (vm, devices, vcpus) = build_from_state(vm, state, &events, &cpuid)?;
         let vsock_host = start_vsock_host(&state.config, &devices)?;
         if let Some(v) = &vsock_host {
             v.pause();
@@ -578,8 +573,12 @@ impl Vmm {
         if self.state != RunState::Paused {
             return Err(VmmError::WrongState(self.state));
         }
-        let (vm, devices, vcpus) =
-            build_from_state(self.vm.memory().clone(), state, &self.events, &self.cpuid)?;
+        let (vm, devices, vcpus) = build_from_state(
+            Vm::with_memory(self.vm.memory().clone())?,
+            state,
+            &self.events,
+            &self.cpuid,
+        )?;
         // The new host side resets the restored connections: host clients reconnect, as after
         // a restore from a file.
         if let Some(v) = self.vsock_host.take() {

@@ -316,9 +316,16 @@ fn apply_restore_options(
     Ok(())
 }
 
-/// The file's drive table must name the state's drives in order, with the sizes the devices
-/// had.
+/// The state must be one VM's: a vCPU state per configured vCPU, and the file's drive table
+/// naming the state's drives in order, with the sizes the devices had.
 fn check_drive_table(state: &VmmState, table: &[DriveInfo]) -> Result<(), SnapshotError> {
+    if state.vcpus.len() != usize::from(state.config.vcpus) {
+        return Err(SnapshotError::Inconsistent(format!(
+            "{} vCPU states for {} vCPUs",
+            state.vcpus.len(),
+            state.config.vcpus
+        )));
+    }
     if table.len() != state.config.drives.len() || table.len() != state.devices.blocks.len() {
         return Err(SnapshotError::Inconsistent(format!(
             "{} drives in the table, {} configured",
