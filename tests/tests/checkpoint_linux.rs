@@ -2,7 +2,8 @@
 //! runs `ditto-workload` with 300 MiB of anonymous memory and fsynced files; it is checkpointed
 //! through the control socket while it keeps running (its disk copied while it was paused for
 //! it) and again with a stop. Each checkpoint restores into new `ditto-vmm restore` processes —
-//! two clones at once from one file, with their own disk copies, vsock cids and sockets — whose
+//! two clones at once from one file, one on the stopped VM's own disk and one on a copy, with
+//! their own vsock cids and sockets — whose
 //! workload verifies every page and file, is the same process with its heartbeat carrying on,
 //! and whose clock did not go back. Damaged copies of the file are refused before any guest
 //! runs.
@@ -84,10 +85,13 @@ impl Vm {
         }
     }
 
-    /// Restores `checkpoint` with its root disk at `root` and a new vsock `cid`.
-    fn restore(checkpoint: &Path, dir: &Path, root: &Path, cid: u32) -> Self {
+    /// Restores `checkpoint` with a new vsock `cid`, and its root disk at `root` (`None`: the
+    /// image the checkpointed VM had).
+    fn restore(checkpoint: &Path, dir: &Path, root: Option<&Path>, cid: u32) -> Self {
         let (uds, control, mut args) = Self::sockets(dir, cid);
-        args.extend(["--drive".into(), format!("id=root,path={}", root.display())]);
+        if let Some(root) = root {
+            args.extend(["--drive".into(), format!("id=root,path={}", root.display())]);
+        }
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let process = VmmProcess::restore(checkpoint, dir, &args);
         Self {
@@ -224,20 +228,22 @@ fn checkpointed_guests_restore_with_their_memory_and_files_and_keep_running() {
         assert_eq!(code, 0, "{out}");
         let control = original.control().await;
 
-        // A destination that cannot be written is refused before the guest is paused.
-        let refused = control
-            .checkpoint(CheckpointSpec {
-                path: PathBuf::from("/nonexistent-folder/c.ditto"),
-                after: AfterCheckpoint::Stop,
-                uncompressed: false,
-            })
-            .await
-            .expect_err("no such folder");
-        assert_eq!(
-            refused.code(),
-            Some(tonic::Code::InvalidArgument),
-            "{refused}"
-        );
+        // Destinations that cannot be written are refused before the guest is paused.
+        for bad in ["/nonexistent-folder/c.ditto", "/proc/c.ditto"] {
+            let refused = control
+                .checkpoint(CheckpointSpec {
+                    path: PathBuf::from(bad),
+                    after: AfterCheckpoint::Stop,
+                    uncompressed: false,
+                })
+                .await
+                .expect_err("not writable");
+            assert_eq!(
+                refused.code(),
+                Some(tonic::Code::InvalidArgument),
+                "{bad}: {refused}"
+            );
+        }
         assert_eq!(
             control.status().await.expect("status").state,
             VmState::Running,
@@ -316,14 +322,16 @@ fn checkpointed_guests_restore_with_their_memory_and_files_and_keep_running() {
         );
         drop(agent);
 
-        // Two clones of the stopped checkpoint at once, each on its own copy of the disk.
+        // Two clones of the stopped checkpoint at once: one on the very disk the stopped VM had
+        // (no --drive: the same file), one on a copy made before either runs.
+        let copy_dir = dir("clone-b");
+        let copy = copy_dir.join("rootfs.ext4");
+        sparse_copy(&root, &copy).expect("disk copy");
         let mut clones = Vec::new();
-        for (name, cid) in [("clone-a", 4), ("clone-b", 5)] {
+        for (name, cid, disk) in [("clone-a", 4, None), ("clone-b", 5, Some(copy.as_path()))] {
             let d = dir(name);
-            let disk = d.join("rootfs.ext4");
-            sparse_copy(&root, &disk).expect("disk copy");
             let t = Instant::now();
-            let vm = Vm::restore(&stopped_ckpt, &d, &disk, cid);
+            let vm = Vm::restore(&stopped_ckpt, &d, disk, cid);
             clones.push((name, cid, vm, t));
         }
         for (name, cid, vm, t) in &clones {
@@ -376,7 +384,7 @@ fn checkpointed_guests_restore_with_their_memory_and_files_and_keep_running() {
 
         // The checkpoint taken while running restores too, on the disk copied with it.
         let d = dir("from-running");
-        let vm = Vm::restore(&running_ckpt, &d, &running_root, 6);
+        let vm = Vm::restore(&running_ckpt, &d, Some(&running_root), 6);
         let mut agent = vm.agent().await;
         let (code, after) = verify(&mut agent).await;
         assert_eq!(code, 0, "{after}\n{}", vm.process.transcript());
@@ -393,7 +401,7 @@ fn checkpointed_guests_restore_with_their_memory_and_files_and_keep_running() {
         damaged_copy(&stopped_ckpt, &copy, damage);
         let disk = d.join("rootfs.ext4");
         sparse_copy(&root, &disk).expect("disk copy");
-        let mut vm = Vm::restore(&copy, &d, &disk, 7);
+        let mut vm = Vm::restore(&copy, &d, Some(&disk), 7);
         let status = vm.process.wait_exit(Duration::from_secs(120));
         assert!(
             !status.success(),
@@ -441,7 +449,7 @@ fn checkpointed_guests_restore_with_their_memory_and_files_and_keep_running() {
         .expect("open");
     f.set_len(f.metadata().expect("len").len() + (1 << 20))
         .expect("grow");
-    let mut vm = Vm::restore(&stopped_ckpt, &d, &disk, 8);
+    let mut vm = Vm::restore(&stopped_ckpt, &d, Some(&disk), 8);
     let status = vm.process.wait_exit(Duration::from_secs(120));
     assert!(!status.success());
     let stderr = vm.process.stderr_text();

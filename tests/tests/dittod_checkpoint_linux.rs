@@ -169,7 +169,7 @@ fn checkpoints_restore_as_clones_through_dittod_and_bad_requests_are_refused() {
 
     // A checkpoint with --stop: the VM ends with it.
     let before_stop = verify(&daemon, "origin");
-    let stopped = daemon.ctl_json(&["checkpoint", "origin", "--stop"]);
+    let stopped = daemon.ctl_json(&["checkpoint", "origin", "--mode", "full", "--stop"]);
     let stopped_id = stopped["id"].as_str().expect("id").to_owned();
     let origin = daemon.ctl_json(&["get", "origin"]);
     assert_eq!(origin["state"], "stopped", "{origin}");
