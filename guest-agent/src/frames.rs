@@ -47,6 +47,8 @@ pub mod flags {
     pub const DIRTY: u64 = 1 << 4;
     /// The page is on an LRU list (page cache or anonymous, not slab or free).
     pub const LRU: u64 = 1 << 5;
+    /// Slab allocator memory.
+    pub const SLAB: u64 = 1 << 7;
     /// The page is being written back.
     pub const WRITEBACK: u64 = 1 << 8;
     /// The frame is free in the buddy allocator.

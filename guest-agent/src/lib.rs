@@ -6,6 +6,7 @@
 //! and the guest's disks. The agent's job is to be right as often as it can, cheaply, and
 //! never to change anything in the guest while it looks.
 
+pub mod census;
 pub mod disks;
 pub mod exec;
 pub mod extents;

@@ -9,6 +9,7 @@ use tokio::sync::{Semaphore, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
+use crate::census;
 use crate::exec::{self, ExecError, ExecRequest};
 use crate::frames::{FrameReader, PAGE_SIZE};
 use crate::scan::{self, ScanError, ScanEvent, ScanOptions, Summary};
@@ -57,7 +58,10 @@ fn disk_table(disks: Vec<crate::disks::Disk>) -> pb::ScanChunk {
     }
 }
 
-fn summary_chunk(s: Summary) -> pb::ScanChunk {
+fn summary_chunk(
+    s: Summary,
+    guest_frames: std::collections::BTreeMap<String, u64>,
+) -> pb::ScanChunk {
     pb::ScanChunk {
         body: Some(pb::scan_chunk::Body::Summary(pb::ScanSummary {
             files_visited: s.files_visited,
@@ -69,6 +73,7 @@ fn summary_chunk(s: Summary) -> pb::ScanChunk {
             elapsed_us: s.elapsed_us,
             budget_exhausted: s.budget_exhausted,
             pages_refaulted: s.pages_refaulted,
+            guest_frames: guest_frames.into_iter().collect(),
         })),
     }
 }
@@ -140,7 +145,8 @@ impl pb::agent_server::Agent for AgentService {
                 tx.blocking_send(Ok(event_chunk(event))).map_err(|_| ())
             });
             let last = match result {
-                Ok(summary) => Ok(summary_chunk(summary)),
+                // The census is a measurement for the host; a scan without it is still whole.
+                Ok(summary) => Ok(summary_chunk(summary, census::census().unwrap_or_default())),
                 Err(ScanError::Sink(())) => return, // the client went away
                 Err(e @ (ScanError::Frames(_) | ScanError::Unsupported)) => {
                     Err(Status::failed_precondition(e.to_string()))

@@ -20,6 +20,8 @@
 //! - [`unix_socket`]: owner-only Unix socket files, shared by the servers.
 //! - [`checkpoint`]: the checkpoint file (page map, compressed chunks, state) and its writer and
 //!   reader; [`vmm::snapshot`] checkpoints and restores a whole VM with it.
+//! - [`omission`]: which pages a `ditto` or `free-only` checkpoint leaves out: the agent's
+//!   report fetched with bounds, the page-by-page decision and content verification.
 //! - [`disk_copy`]: sparse copies of disk images (the disks of a checkpoint and its clones).
 
 pub mod acpi;
@@ -33,5 +35,6 @@ pub mod daemon;
 pub mod devices;
 pub mod disk_copy;
 pub mod kvm;
+pub mod omission;
 pub mod unix_socket;
 pub mod vmm;

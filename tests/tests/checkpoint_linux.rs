@@ -235,6 +235,7 @@ fn checkpointed_guests_restore_with_their_memory_and_files_and_keep_running() {
                     path: PathBuf::from(bad),
                     after: AfterCheckpoint::Stop,
                     uncompressed: false,
+                    ..Default::default()
                 })
                 .await
                 .expect_err("not writable");
@@ -261,6 +262,7 @@ fn checkpointed_guests_restore_with_their_memory_and_files_and_keep_running() {
                 path: running_ckpt.clone(),
                 after: AfterCheckpoint::Resume,
                 uncompressed: false,
+                ..Default::default()
             })
             .await
             .expect("checkpoint of a paused VM");
@@ -292,6 +294,7 @@ fn checkpointed_guests_restore_with_their_memory_and_files_and_keep_running() {
                 path: stopped_ckpt.clone(),
                 after: AfterCheckpoint::Stop,
                 uncompressed: false,
+                ..Default::default()
             })
             .await
             .expect("checkpoint and stop");

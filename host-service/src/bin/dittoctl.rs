@@ -121,9 +121,21 @@ enum Command {
     Checkpoint {
         /// Name or id.
         vm: String,
-        /// What to store: `full` (every page; all-zero pages as zero).
-        #[arg(long, default_value = "full", value_parser = ["full"])]
+        /// What to store: `ditto` (free pages and verified clean page cache omitted, the
+        /// rest saved), `free-only` (free and zero pages omitted) or `full` (every page;
+        /// all-zero pages as zero). A ditto path that fails saves those pages and says why.
+        #[arg(long, default_value = "ditto", value_parser = ["ditto", "free-only", "full"])]
         mode: String,
+        /// How the guest agent's report is checked in ditto mode: `dirty-log` (the write
+        /// tracking alone), `sample=N%` (also compare N % of the pages with the disk) or
+        /// `full` (compare every page). One mismatch distrusts the whole report.
+        #[arg(long = "verify", default_value = "dirty-log",
+              value_parser = |s: &str| s.parse::<ditto_host::omission::Verification>().map(|v| v.to_string()))]
+        verification: String,
+        /// Seconds the agent's scan and the free-page round may take in all (default: the
+        /// VMM's, 60).
+        #[arg(long, value_name = "SECONDS")]
+        scan_timeout: Option<f64>,
         /// End the VM once the checkpoint is written.
         #[arg(long)]
         stop: bool,
@@ -430,7 +442,9 @@ async fn run(cli: Cli) -> Result<u8> {
         }
         Command::Checkpoint {
             vm,
-            mode: _,
+            mode,
+            verification,
+            scan_timeout,
             stop,
             uncompressed,
             destination,
@@ -440,10 +454,19 @@ async fn run(cli: Cli) -> Result<u8> {
             let reply = client
                 .checkpoint(pb::CheckpointRequest {
                     vm,
-                    mode: pb::CheckpointMode::Full.into(),
+                    mode: match mode.as_str() {
+                        "full" => pb::CheckpointMode::Full,
+                        "free-only" => pb::CheckpointMode::FreeOnly,
+                        _ => pb::CheckpointMode::Ditto,
+                    }
+                    .into(),
                     stop,
                     uncompressed,
                     destination: destination.unwrap_or_default(),
+                    verification,
+                    scan_timeout_ms: scan_timeout.map_or(0, |s| {
+                        (s.max(0.001) * 1000.0).min(f64::from(u32::MAX)) as u32
+                    }),
                 })
                 .await;
             bar.finish_and_clear();
@@ -454,20 +477,26 @@ async fn run(cli: Cli) -> Result<u8> {
                 let c = reply.checkpoint.unwrap_or_default();
                 let vm = reply.vm.unwrap_or_default();
                 println!(
-                    "checkpoint {} of {}: {} stored ({} file, {} of disk copies); pages: {} \
-                     saved, {} zero; paused {} ms, took {} ms; {} is {}",
+                    "checkpoint {} of {} ({}): {} stored ({} file, {} of disk copies); pages: {} \
+                     saved, {} zero, {} free, {} on disk; paused {} ms, took {} ms; {} is {}",
                     c.id,
                     c.vm_name,
+                    output::mode_name(c.mode),
                     output::human_bytes(c.stored_bytes),
                     output::human_bytes(c.file_bytes),
                     output::human_bytes(c.disk_copy_bytes),
                     c.pages_saved,
                     c.pages_zero,
+                    c.pages_free,
+                    c.pages_disk,
                     reply.pause_ms,
                     reply.total_ms,
                     vm.name,
                     output::state_name(vm.state)
                 );
+                for why in c.omission.iter().flat_map(|o| &o.degraded) {
+                    println!("  saved instead of omitted: {why}");
+                }
             }
         }
         Command::Restore {

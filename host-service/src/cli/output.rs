@@ -195,13 +195,52 @@ pub fn exec_json(r: &pb::GuestExecResponse) -> Value {
     })
 }
 
+/// A checkpoint mode's name on the command line.
+pub fn mode_name(mode: i32) -> &'static str {
+    match pb::CheckpointMode::try_from(mode) {
+        Ok(pb::CheckpointMode::Ditto) => "ditto",
+        Ok(pb::CheckpointMode::FreeOnly) => "free-only",
+        _ => "full",
+    }
+}
+
+/// What a ditto or free-only checkpoint omitted, as JSON (`null` for a full one). The
+/// `floor_bytes` are what no method could omit (anonymous, kernel and dirty pages: every frame
+/// that is neither free nor clean page cache), from the agent's census when it sent one.
+pub fn omission_json(o: Option<&ditto_proto::vmm::v1::OmissionReport>) -> Value {
+    let Some(o) = o else { return Value::Null };
+    let frame = |k: &str| o.guest_frames.get(k).copied();
+    let floor_bytes = match (frame("total"), frame("free"), frame("file_clean")) {
+        (Some(t), Some(f), Some(c)) => json!(t.saturating_sub(f).saturating_sub(c) * 4096),
+        _ => Value::Null,
+    };
+    json!({
+        "reported": { "cache": o.pages_reported_cache, "free": o.pages_hinted_free },
+        "omitted": { "cache": o.pages_omitted_cache, "free": o.pages_omitted_free },
+        "rejected": {
+            "guest_write": o.rejected_guest_write,
+            "vmm_write": o.rejected_vmm_write,
+            "disk_write": o.rejected_disk_write,
+            "validation": o.rejected_validation,
+            "verification": o.rejected_verification,
+        },
+        "verified": { "pages": o.pages_verified, "mismatched": o.pages_mismatched },
+        "scan_ms": o.scan_us / 1000,
+        "hint_ms": o.hint_us / 1000,
+        "degraded": o.degraded,
+        "guest_frames": o.guest_frames,
+        "floor_bytes": floor_bytes,
+    })
+}
+
 /// A checkpoint as JSON.
 pub fn checkpoint_json(c: &pb::CheckpointInfo) -> Value {
     json!({
         "id": c.id,
         "vm_id": c.vm_id,
         "vm_name": c.vm_name,
-        "mode": "full",
+        "mode": mode_name(c.mode),
+        "omission": omission_json(c.omission.as_ref()),
         "created_at_ms": c.created_at_ms,
         "path": c.path,
         "file_bytes": c.file_bytes,
@@ -324,6 +363,18 @@ mod tests {
                 id: "c".repeat(32),
                 stored_bytes: 5 << 20,
                 pages_saved: 1280,
+                mode: pb::CheckpointMode::Ditto.into(),
+                omission: Some(ditto_proto::vmm::v1::OmissionReport {
+                    pages_omitted_cache: 7,
+                    rejected_disk_write: 3,
+                    scan_us: 2500,
+                    degraded: vec!["no balloon".into()],
+                    guest_frames: [("total", 100), ("free", 20), ("file_clean", 30)]
+                        .into_iter()
+                        .map(|(k, v)| (k.to_owned(), v))
+                        .collect(),
+                    ..Default::default()
+                }),
                 ..Default::default()
             }),
             pause_ms: 12,
@@ -336,6 +387,12 @@ mod tests {
         assert_eq!(v["pause_ms"], 12);
         assert_eq!(v["total_ms"], 34);
         assert_eq!(v["pages"]["saved"], 1280);
+        assert_eq!(v["mode"], "ditto");
+        assert_eq!(v["omission"]["omitted"]["cache"], 7);
+        assert_eq!(v["omission"]["rejected"]["disk_write"], 3);
+        assert_eq!(v["omission"]["scan_ms"], 2);
+        assert_eq!(v["omission"]["degraded"][0], "no balloon");
+        assert_eq!(v["omission"]["floor_bytes"], 50 * 4096);
         assert_eq!(v["vm"]["state"], "running");
         assert_eq!(human_bytes(512), "512 B");
         assert_eq!(human_bytes(5 << 20), "5.0 MiB");

@@ -7,8 +7,8 @@ use std::time::Duration;
 use ditto_proto::vmm::v1 as pb;
 
 use super::handle::{
-    AfterCheckpoint, CheckpointResult, CheckpointSpec, DriveInfo, RestoreInfo, StateChange,
-    VmState, VmStatus, VsockInfo,
+    AfterCheckpoint, CheckpointResult, CheckpointSpec, DriveInfo, Mode, OmissionReport,
+    RestoreInfo, StateChange, Verification, VmState, VmStatus, VsockInfo,
 };
 
 /// A reply the client cannot read.
@@ -23,7 +23,7 @@ pub enum InvalidReply {
 #[derive(Debug, thiserror::Error)]
 pub enum InvalidRequest {
     /// The mode is unset or unknown.
-    #[error("mode: unknown checkpoint mode {0} (FULL is the one this VMM takes)")]
+    #[error("mode: unknown checkpoint mode {0} (FULL, DITTO or FREE_ONLY)")]
     Mode(i32),
     /// What to do afterwards is unknown.
     #[error("after: unknown value {0}")]
@@ -31,27 +31,73 @@ pub enum InvalidRequest {
     /// The destination is not an absolute path.
     #[error("path: the checkpoint destination must be an absolute path, not {0:?}")]
     Path(String),
+    /// The verification policy is unknown or its sample share out of range.
+    #[error("verification: {0}")]
+    Verification(String),
+    /// A drive copy has no drive id or no absolute path.
+    #[error("drive_copies: {0}")]
+    DriveCopy(String),
 }
 
 /// The checked plain form of a checkpoint request.
 pub fn checkpoint_spec_from_pb(r: pb::CheckpointRequest) -> Result<CheckpointSpec, InvalidRequest> {
-    match pb::CheckpointMode::try_from(r.mode) {
-        Ok(pb::CheckpointMode::Full) => {}
+    let mode = match pb::CheckpointMode::try_from(r.mode) {
+        Ok(pb::CheckpointMode::Full) => Mode::Full,
+        Ok(pb::CheckpointMode::Ditto) => Mode::Ditto,
+        Ok(pb::CheckpointMode::FreeOnly) => Mode::FreeOnly,
         Ok(pb::CheckpointMode::Unspecified) | Err(_) => return Err(InvalidRequest::Mode(r.mode)),
-    }
+    };
     let after = match pb::AfterCheckpoint::try_from(r.after) {
         Ok(pb::AfterCheckpoint::Resume) => AfterCheckpoint::Resume,
         Ok(pb::AfterCheckpoint::Stop) => AfterCheckpoint::Stop,
         Err(_) => return Err(InvalidRequest::After(r.after)),
     };
+    let verification = match pb::Verification::try_from(r.verification) {
+        Ok(pb::Verification::DirtyLog) => Verification::DirtyLog,
+        Ok(pb::Verification::Full) => Verification::Full,
+        Ok(pb::Verification::Sample) => match u8::try_from(r.sample_percent) {
+            Ok(p @ 1..=100) => Verification::Sample(p),
+            _ => {
+                return Err(InvalidRequest::Verification(format!(
+                    "a sample of {} % (1 to 100)",
+                    r.sample_percent
+                )));
+            }
+        },
+        Err(_) => {
+            return Err(InvalidRequest::Verification(format!(
+                "unknown policy {}",
+                r.verification
+            )));
+        }
+    };
     let path = PathBuf::from(&r.path);
     if !path.is_absolute() {
         return Err(InvalidRequest::Path(r.path));
     }
+    let drive_copies = r
+        .drive_copies
+        .into_iter()
+        .map(|c| {
+            let path = PathBuf::from(&c.path);
+            if c.drive_id.is_empty() || !path.is_absolute() {
+                return Err(InvalidRequest::DriveCopy(format!(
+                    "drive {:?} to {:?}: a drive id and an absolute path are needed",
+                    c.drive_id, c.path
+                )));
+            }
+            Ok((c.drive_id, path))
+        })
+        .collect::<Result<_, _>>()?;
     Ok(CheckpointSpec {
         path,
         after,
         uncompressed: r.uncompressed,
+        mode,
+        verification,
+        scan_timeout: (r.scan_timeout_ms > 0)
+            .then(|| Duration::from_millis(r.scan_timeout_ms.into())),
+        drive_copies,
     })
 }
 
@@ -61,11 +107,78 @@ impl From<CheckpointSpec> for pb::CheckpointRequest {
             AfterCheckpoint::Resume => pb::AfterCheckpoint::Resume,
             AfterCheckpoint::Stop => pb::AfterCheckpoint::Stop,
         };
+        let mode = match s.mode {
+            Mode::Full => pb::CheckpointMode::Full,
+            Mode::Ditto => pb::CheckpointMode::Ditto,
+            Mode::FreeOnly => pb::CheckpointMode::FreeOnly,
+        };
+        let (verification, sample_percent) = match s.verification {
+            Verification::DirtyLog => (pb::Verification::DirtyLog, 0),
+            Verification::Full => (pb::Verification::Full, 0),
+            Verification::Sample(p) => (pb::Verification::Sample, u32::from(p)),
+        };
         Self {
             path: s.path.to_string_lossy().into_owned(),
-            mode: pb::CheckpointMode::Full.into(),
+            mode: mode.into(),
             after: after.into(),
             uncompressed: s.uncompressed,
+            verification: verification.into(),
+            sample_percent,
+            scan_timeout_ms: s.scan_timeout.map_or(0, |t| {
+                u32::try_from(t.as_millis()).unwrap_or(u32::MAX).max(1)
+            }),
+            drive_copies: s
+                .drive_copies
+                .into_iter()
+                .map(|(drive_id, path)| pb::DriveCopy {
+                    drive_id,
+                    path: path.to_string_lossy().into_owned(),
+                })
+                .collect(),
+        }
+    }
+}
+
+impl From<OmissionReport> for pb::OmissionReport {
+    fn from(r: OmissionReport) -> Self {
+        Self {
+            pages_reported_cache: r.pages_reported_cache,
+            pages_hinted_free: r.pages_hinted_free,
+            pages_omitted_cache: r.pages_omitted_cache,
+            pages_omitted_free: r.pages_omitted_free,
+            rejected_guest_write: r.rejected_guest_write,
+            rejected_vmm_write: r.rejected_vmm_write,
+            rejected_disk_write: r.rejected_disk_write,
+            rejected_validation: r.rejected_validation,
+            rejected_verification: r.rejected_verification,
+            pages_verified: r.pages_verified,
+            pages_mismatched: r.pages_mismatched,
+            scan_us: r.scan_us,
+            hint_us: r.hint_us,
+            degraded: r.degraded,
+            guest_frames: r.guest_frames.into_iter().collect(),
+        }
+    }
+}
+
+impl From<pb::OmissionReport> for OmissionReport {
+    fn from(r: pb::OmissionReport) -> Self {
+        Self {
+            pages_reported_cache: r.pages_reported_cache,
+            pages_hinted_free: r.pages_hinted_free,
+            pages_omitted_cache: r.pages_omitted_cache,
+            pages_omitted_free: r.pages_omitted_free,
+            rejected_guest_write: r.rejected_guest_write,
+            rejected_vmm_write: r.rejected_vmm_write,
+            rejected_disk_write: r.rejected_disk_write,
+            rejected_validation: r.rejected_validation,
+            rejected_verification: r.rejected_verification,
+            pages_verified: r.pages_verified,
+            pages_mismatched: r.pages_mismatched,
+            scan_us: r.scan_us,
+            hint_us: r.hint_us,
+            degraded: r.degraded,
+            guest_frames: r.guest_frames.into_iter().collect(),
         }
     }
 }
@@ -83,6 +196,9 @@ impl From<CheckpointResult> for pb::CheckpointResponse {
             pause_us: saturating_u64(r.pause.as_micros()),
             total_us: saturating_u64(r.total.as_micros()),
             state: pb::VmState::from(r.state).into(),
+            omission: r.omission.map(Into::into),
+            drive_copy_bytes: r.drive_copy_bytes,
+            drive_copy_us: saturating_u64(r.drive_copy.as_micros()),
         }
     }
 }
@@ -101,6 +217,9 @@ impl TryFrom<pb::CheckpointResponse> for CheckpointResult {
             pause: Duration::from_micros(r.pause_us),
             total: Duration::from_micros(r.total_us),
             state: state_from_pb(r.state)?,
+            omission: r.omission.map(Into::into),
+            drive_copy_bytes: r.drive_copy_bytes,
+            drive_copy: Duration::from_micros(r.drive_copy_us),
         })
     }
 }
@@ -260,9 +379,50 @@ mod tests {
             path: "/var/lib/ditto/c1.ckpt".into(),
             after: AfterCheckpoint::Stop,
             uncompressed: true,
+            mode: Mode::Ditto,
+            verification: Verification::Sample(5),
+            scan_timeout: Some(Duration::from_millis(1500)),
+            drive_copies: vec![("root".into(), "/var/lib/ditto/root.img".into())],
         };
         let wire = pb::CheckpointRequest::from(spec.clone());
         assert_eq!(checkpoint_spec_from_pb(wire.clone()).unwrap(), spec);
+        for mode in [Mode::Full, Mode::FreeOnly] {
+            for verification in [Verification::DirtyLog, Verification::Full] {
+                let spec = CheckpointSpec {
+                    mode,
+                    verification,
+                    scan_timeout: None,
+                    drive_copies: vec![],
+                    ..spec.clone()
+                };
+                let wire = pb::CheckpointRequest::from(spec.clone());
+                assert_eq!(checkpoint_spec_from_pb(wire).unwrap(), spec);
+            }
+        }
+        for (verification, sample_percent) in [(1, 0), (1, 101), (9, 0)] {
+            let bad = pb::CheckpointRequest {
+                verification,
+                sample_percent,
+                ..wire.clone()
+            };
+            assert!(matches!(
+                checkpoint_spec_from_pb(bad),
+                Err(InvalidRequest::Verification(_))
+            ));
+        }
+        for (drive_id, path) in [("", "/a"), ("root", "a")] {
+            let bad = pb::CheckpointRequest {
+                drive_copies: vec![pb::DriveCopy {
+                    drive_id: drive_id.into(),
+                    path: path.into(),
+                }],
+                ..wire.clone()
+            };
+            assert!(matches!(
+                checkpoint_spec_from_pb(bad),
+                Err(InvalidRequest::DriveCopy(_))
+            ));
+        }
         let relative = pb::CheckpointRequest {
             path: "c1.ckpt".into(),
             ..wire.clone()

@@ -6,6 +6,8 @@ use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::time::Duration;
 
+pub use crate::omission::{Mode, OmissionReport, Verification};
+
 /// The life cycle of a VM.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum VmState {
@@ -101,7 +103,7 @@ pub enum AfterCheckpoint {
 }
 
 /// A checkpoint to take.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct CheckpointSpec {
     /// The file to write (absolute, in an existing folder).
     pub path: PathBuf,
@@ -109,6 +111,15 @@ pub struct CheckpointSpec {
     pub after: AfterCheckpoint,
     /// Store saved pages raw instead of zstd-compressed.
     pub uncompressed: bool,
+    /// Which pages to store.
+    pub mode: Mode,
+    /// How the agent's report is checked (ditto mode).
+    pub verification: Verification,
+    /// How long the agent's scan and the free-page round may take in all (`None`: the VMM's
+    /// default; travels in whole milliseconds).
+    pub scan_timeout: Option<Duration>,
+    /// Drives to copy while the VM is paused: (drive id, new file).
+    pub drive_copies: Vec<(String, PathBuf)>,
 }
 
 /// A written checkpoint (durations travel in whole microseconds).
@@ -134,6 +145,12 @@ pub struct CheckpointResult {
     pub total: Duration,
     /// The VM's state afterwards.
     pub state: VmState,
+    /// What a ditto or free-only checkpoint omitted and refused.
+    pub omission: Option<OmissionReport>,
+    /// Bytes the drive copies take (allocated).
+    pub drive_copy_bytes: u64,
+    /// How long the drive copies took (travels in whole microseconds).
+    pub drive_copy: Duration,
 }
 
 /// The outcome of a pause or a resume.

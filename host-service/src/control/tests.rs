@@ -14,6 +14,7 @@ use tokio::task::JoinHandle;
 use tonic::Code;
 
 use super::*;
+use crate::omission::{Mode, OmissionReport};
 
 /// A guest port that echoes everything until end of file, then closes.
 const ECHO_PORT: u32 = 1024;
@@ -116,6 +117,12 @@ impl VmmHandle for FakeVmm {
             pause: Duration::from_micros(1234),
             total: Duration::from_micros(5678),
             state: *state,
+            omission: (spec.mode != Mode::Full).then(|| OmissionReport {
+                pages_omitted_cache: 9,
+                ..Default::default()
+            }),
+            drive_copy_bytes: 0,
+            drive_copy: Duration::ZERO,
         })
     }
 
@@ -313,10 +320,17 @@ async fn checkpoint_requests_and_results_cross_the_socket() {
             path: path.clone(),
             after: AfterCheckpoint::Resume,
             uncompressed: true,
+            mode: Mode::Ditto,
+            ..Default::default()
         })
         .await
         .unwrap();
     assert_eq!(result.path, path);
+    assert_eq!(
+        result.omission.as_ref().map(|o| o.pages_omitted_cache),
+        Some(9),
+        "the omission report crosses the socket"
+    );
     assert_eq!(
         (result.stored_bytes, result.pages_saved, result.pages_zero),
         (8192, 2, 5)
@@ -330,6 +344,7 @@ async fn checkpoint_requests_and_results_cross_the_socket() {
             path: missing,
             after: AfterCheckpoint::Resume,
             uncompressed: false,
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -359,6 +374,7 @@ async fn checkpoint_requests_and_results_cross_the_socket() {
             path,
             after: AfterCheckpoint::Stop,
             uncompressed: false,
+            ..Default::default()
         })
         .await
         .unwrap();

@@ -27,6 +27,7 @@ use super::registry::{Registry, Vm, now_ms};
 use crate::checkpoint::CheckpointReader;
 use crate::control::{AfterCheckpoint, CheckpointSpec, VmState, VmmClient};
 use crate::disk_copy;
+use crate::omission::{Mode, OmissionReport, Verification};
 use crate::vmm::config::{Console, VsockConfig};
 
 /// The checkpoint file in a checkpoint's folder.
@@ -68,6 +69,29 @@ pub struct CheckpointRecord {
     pub pages_free: u64,
     /// Pages stored as disk references.
     pub pages_disk: u64,
+    /// Which pages it stores (records from before modes existed are full).
+    #[serde(default)]
+    pub mode: Mode,
+    /// What a ditto or free-only checkpoint omitted and why it saved the rest.
+    #[serde(default)]
+    pub omission: Option<OmissionReport>,
+}
+
+/// How to take a checkpoint.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CheckpointAsk {
+    /// An existing folder for the checkpoint's folder (default: the state directory).
+    pub destination: Option<PathBuf>,
+    /// End the VM with the checkpoint.
+    pub stop: bool,
+    /// Store saved pages raw.
+    pub uncompressed: bool,
+    /// Which pages to store.
+    pub mode: Mode,
+    /// How the agent's report is checked.
+    pub verification: Verification,
+    /// The VMM's time limit for the scan and the free-page round (`None`: its default).
+    pub scan_timeout: Option<Duration>,
 }
 
 impl CheckpointRecord {
@@ -191,17 +215,17 @@ impl Registry {
             .map_err(Error::io(format!("cannot remove checkpoint {id}")))
     }
 
-    /// Takes a checkpoint of a running or paused VM (see the module documentation) into
-    /// `destination` (an existing folder; default: the state directory); with `stop` the VM
-    /// ends with it.
+    /// Takes a checkpoint of a running or paused VM (see the module documentation) as `ask`
+    /// says: into its destination (an existing folder; default: the state directory), in its
+    /// mode; with `stop` the VM ends with it. The VMM pauses the VM and copies the writable
+    /// disks while it is paused.
     pub async fn checkpoint(
         self: &Arc<Self>,
         vm: &Arc<Vm>,
-        destination: Option<&Path>,
-        stop: bool,
-        uncompressed: bool,
+        ask: &CheckpointAsk,
     ) -> Result<(CheckpointRecord, CheckpointTiming), Error> {
-        if let Some(d) = destination
+        let stop = ask.stop;
+        if let Some(d) = ask.destination.as_deref()
             && (!d.is_absolute() || !d.is_dir())
         {
             return Err(Error::invalid(
@@ -240,7 +264,7 @@ impl Registry {
             .mode(0o700)
             .create(&record_dir)
             .map_err(Error::io(format!("cannot create {}", record_dir.display())))?;
-        let dir = match destination {
+        let dir = match ask.destination.as_deref() {
             None => record_dir.clone(),
             Some(d) => {
                 let dir = d.join(&id);
@@ -259,42 +283,24 @@ impl Registry {
             let _ = std::fs::remove_dir_all(&record_dir);
         };
 
-        let was_running = record.state == VmPhase::Running;
-        let paused_at = Instant::now();
-        if was_running && let Err(e) = client.pause().await {
-            remove();
-            return Err(vmm_failed("pause")(e));
-        }
         let taken = write_checkpoint(Job {
             client: &client,
             record: &record,
             dir: &dir,
             record_dir: &record_dir,
             id: &id,
-            stop,
-            uncompressed,
+            ask,
         })
         .await;
-        let mut pause = paused_at.elapsed();
-        let checkpoint = match taken {
+        let (checkpoint, pause) = match taken {
             Ok(c) => c,
             Err(e) => {
                 remove();
-                if was_running {
-                    // The guest runs on as before; the checkpoint's error is the one to report.
-                    let _ = client.resume().await;
-                }
                 return Err(e);
             }
         };
-        if stop {
-            if let Some(mut running) = vm.running().map(|r| r.ended) {
-                super::supervisor::ended_within(&mut running, STOP_WAIT).await;
-            }
-        } else if was_running {
-            let resumed = client.resume().await;
-            pause = paused_at.elapsed();
-            resumed.map_err(vmm_failed("resume"))?;
+        if stop && let Some(mut running) = vm.running().map(|r| r.ended) {
+            super::supervisor::ended_within(&mut running, STOP_WAIT).await;
         }
         tracing::info!(vm = %vm.id, checkpoint = %id, stored = checkpoint.stored_bytes,
             pause_ms = pause.as_millis() as u64, "checkpoint taken");
@@ -466,49 +472,55 @@ struct Job<'a> {
     /// The folder for the record.
     record_dir: &'a Path,
     id: &'a str,
-    stop: bool,
-    uncompressed: bool,
+    ask: &'a CheckpointAsk,
 }
 
-/// With the VM paused: copies its writable disks into `job.dir`, has the VMM write the
-/// checkpoint file there, and writes the record into `job.record_dir`.
-async fn write_checkpoint(job: Job<'_>) -> Result<CheckpointRecord, Error> {
+/// Has the VMM write the checkpoint file into `job.dir` (copying the writable disks there
+/// while the VM is paused), then writes the record into `job.record_dir`. Returns the record
+/// and how long the guest was paused.
+async fn write_checkpoint(job: Job<'_>) -> Result<(CheckpointRecord, Duration), Error> {
     let Job {
         client,
         record,
         dir,
         record_dir,
         id,
-        stop,
-        uncompressed,
+        ask,
     } = job;
     let mut drive_copies = Vec::with_capacity(record.config.drives.len());
-    let mut disk_copy_bytes = 0;
+    let mut copies = Vec::new();
     for (i, drive) in record.config.drives.iter().enumerate() {
         if drive.read_only {
             drive_copies.push(None);
             continue;
         }
         let to = dir.join(format!("drive-{i}.img"));
-        disk_copy_bytes += copy_disk(&drive.path, &to).await?.allocated_bytes;
+        copies.push((drive.id.clone(), to.clone()));
         drive_copies.push(Some(to));
     }
     let result = client
         .checkpoint(CheckpointSpec {
             path: dir.join(FILE),
-            after: if stop {
+            after: if ask.stop {
                 AfterCheckpoint::Stop
             } else {
                 AfterCheckpoint::Resume
             },
-            uncompressed,
+            uncompressed: ask.uncompressed,
+            mode: ask.mode,
+            verification: ask.verification,
+            scan_timeout: ask.scan_timeout,
+            drive_copies: copies,
         })
         .await
-        .map_err(|e| {
-            Error::Vmm(format!(
+        .map_err(|e| match e.code() {
+            Some(tonic::Code::FailedPrecondition) => {
+                Error::Precondition(format!("cannot checkpoint VM {:?}: {e}", record.name))
+            }
+            _ => Error::Vmm(format!(
                 "the VMM could not checkpoint {:?}: {e}",
                 record.name
-            ))
+            )),
         })?;
     let checkpoint = CheckpointRecord {
         id: id.to_owned(),
@@ -520,18 +532,20 @@ async fn write_checkpoint(job: Job<'_>) -> Result<CheckpointRecord, Error> {
         drive_copies,
         file_bytes: result.file_bytes,
         stored_bytes: result.stored_bytes,
-        disk_copy_bytes,
+        disk_copy_bytes: result.drive_copy_bytes,
         pages_saved: result.pages_saved,
         pages_zero: result.pages_zero,
         pages_free: result.pages_free,
         pages_disk: result.pages_disk,
+        mode: ask.mode,
+        omission: result.omission,
     };
     let json = serde_json::to_vec_pretty(&checkpoint)
         .map_err(|e| Error::io("cannot encode the checkpoint record")(std::io::Error::other(e)))?;
     crate::atomic_file::write(&record_dir.join(RECORD), &json).map_err(Error::io(format!(
         "cannot write the record of checkpoint {id}"
     )))?;
-    Ok(checkpoint)
+    Ok((checkpoint, result.pause))
 }
 
 #[cfg(test)]

@@ -12,13 +12,14 @@ use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use super::checkpoints::{CheckpointRecord, RestoreRequest};
+use super::checkpoints::{CheckpointAsk, CheckpointRecord, RestoreRequest};
 use super::error::Error;
 use super::metrics;
 use super::record::{VmPhase, VmRecord};
 use super::registry::{Event, EventKind, Registry, Vm};
 use super::supervisor::{DEFAULT_AGENT_WAIT, DEFAULT_STOP_TIMEOUT, StopMethod};
 use super::validate;
+use crate::omission::{Mode, Verification};
 use ditto_proto::agent::v1 as agent_pb;
 
 /// The service; cloning shares the registry.
@@ -140,7 +141,12 @@ fn checkpoint_to_pb(c: &CheckpointRecord) -> pb::CheckpointInfo {
         id: c.id.clone(),
         vm_id: c.vm_id.clone(),
         vm_name: c.vm_name.clone(),
-        mode: pb::CheckpointMode::Full.into(),
+        mode: match c.mode {
+            Mode::Full => pb::CheckpointMode::Full,
+            Mode::Ditto => pb::CheckpointMode::Ditto,
+            Mode::FreeOnly => pb::CheckpointMode::FreeOnly,
+        }
+        .into(),
         created_at_ms: c.created_at_ms,
         path: path_string(&c.file()),
         file_bytes: c.file_bytes,
@@ -151,6 +157,7 @@ fn checkpoint_to_pb(c: &CheckpointRecord) -> pb::CheckpointInfo {
         pages_free: c.pages_free,
         pages_disk: c.pages_disk,
         spec: Some(spec_to_pb(&c.vm.config)),
+        omission: c.omission.clone().map(Into::into),
     }
 }
 
@@ -393,20 +400,35 @@ impl Host for HostService {
         let r = request.into_inner();
         let registry = &self.registry;
         self.run("checkpoint", &r.vm.clone(), async move {
-            match pb::CheckpointMode::try_from(r.mode) {
-                Ok(pb::CheckpointMode::Full | pb::CheckpointMode::Unspecified) => {}
+            let mode = match pb::CheckpointMode::try_from(r.mode) {
+                Ok(pb::CheckpointMode::Full | pb::CheckpointMode::Unspecified) => Mode::Full,
+                Ok(pb::CheckpointMode::Ditto) => Mode::Ditto,
+                Ok(pb::CheckpointMode::FreeOnly) => Mode::FreeOnly,
                 Err(_) => {
                     return Err(Error::invalid(
                         "mode",
                         format!("unknown checkpoint mode {}", r.mode),
                     ));
                 }
-            }
+            };
+            let verification = if r.verification.is_empty() {
+                Verification::DirtyLog
+            } else {
+                r.verification
+                    .parse()
+                    .map_err(|e: String| Error::invalid("verification", e))?
+            };
             let vm = registry.find(&r.vm)?;
-            let destination = (!r.destination.is_empty()).then(|| PathBuf::from(&r.destination));
-            let (checkpoint, timing) = registry
-                .checkpoint(&vm, destination.as_deref(), r.stop, r.uncompressed)
-                .await?;
+            let ask = CheckpointAsk {
+                destination: (!r.destination.is_empty()).then(|| PathBuf::from(&r.destination)),
+                stop: r.stop,
+                uncompressed: r.uncompressed,
+                mode,
+                verification,
+                scan_timeout: (r.scan_timeout_ms > 0)
+                    .then(|| Duration::from_millis(r.scan_timeout_ms.into())),
+            };
+            let (checkpoint, timing) = registry.checkpoint(&vm, &ask).await?;
             Ok(pb::CheckpointResponse {
                 checkpoint: Some(checkpoint_to_pb(&checkpoint)),
                 pause_ms: ms(timing.pause),

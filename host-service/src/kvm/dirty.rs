@@ -119,6 +119,15 @@ impl DirtyBitmap {
     }
 }
 
+/// The pages written since tracking was armed, by who wrote them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct WrittenPages {
+    /// Written by the guest's CPUs (KVM's dirty log).
+    pub guest: DirtyBitmap,
+    /// Written by the VMM's devices (virtio-blk reads, vsock receive, ...).
+    pub devices: DirtyBitmap,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -17,7 +17,7 @@ use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{GuestMemoryBackend as _, GuestMemoryRegion as _};
 
 use super::PAGE_SIZE;
-use super::dirty::{DirtyBitmap, RegionDirty};
+use super::dirty::{DirtyBitmap, RegionDirty, WrittenPages};
 use super::memory::{GuestMemory, MemoryError, MemoryLayout};
 use super::vcpu::{SAVED_MSRS, Vcpu, VcpuError};
 
@@ -201,10 +201,18 @@ impl Vm {
     /// For an exact answer the vCPUs should be out of `KVM_RUN` and device queues quiet; while
     /// the guest runs, a page written during the fetch shows up in this fetch or the next.
     pub fn fetch_and_clear_dirty(&self) -> Result<DirtyBitmap, VmError> {
+        let mut written = self.fetch_and_clear_written()?;
+        written.guest.merge(&written.devices);
+        Ok(written.guest)
+    }
+
+    /// Like [`fetch_and_clear_dirty`](Self::fetch_and_clear_dirty), with the guest's writes
+    /// (KVM's log) and the VMM's device writes apart.
+    pub fn fetch_and_clear_written(&self) -> Result<WrittenPages, VmError> {
         if !self.dirty_logging {
             return Err(VmError::DirtyLoggingOff);
         }
-        let mut out = DirtyBitmap::default();
+        let mut out = WrittenPages::default();
         for (index, region) in self.memory.iter().enumerate() {
             let slot = u32::try_from(index).map_err(|_| VmError::Slot {
                 index,
@@ -214,11 +222,16 @@ impl Vm {
                 index,
                 reason: "larger than the host".into(),
             })?;
-            let mut dirty = RegionDirty::clean(region.start_addr().0, region.len() / PAGE_SIZE);
-            let from_kvm = kvm("KVM_GET_DIRTY_LOG", self.fd.get_dirty_log(slot, size))?;
-            dirty.union_with(&from_kvm);
-            dirty.union_with(&vmm_bitmap(region).get_and_reset());
-            out.regions.push(dirty);
+            let clean = RegionDirty::clean(region.start_addr().0, region.len() / PAGE_SIZE);
+            let mut guest = clean.clone();
+            guest.union_with(&kvm(
+                "KVM_GET_DIRTY_LOG",
+                self.fd.get_dirty_log(slot, size),
+            )?);
+            let mut devices = clean;
+            devices.union_with(&vmm_bitmap(region).get_and_reset());
+            out.guest.regions.push(guest);
+            out.devices.regions.push(devices);
         }
         Ok(out)
     }

@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
+use super::omit::DEFAULT_SCAN_TIMEOUT;
 use super::snapshot::{After, CheckpointOptions, SnapshotError};
 use super::{EventSender, ExitReason, RunState, Vmm, VmmError as Error};
 use crate::checkpoint::WriteOptions;
@@ -130,6 +131,10 @@ impl VmmHandle for VmmControl {
                 },
                 ..WriteOptions::default()
             },
+            mode: spec.mode,
+            verification: spec.verification,
+            scan_timeout: spec.scan_timeout.unwrap_or(DEFAULT_SCAN_TIMEOUT),
+            drive_copies: spec.drive_copies.clone(),
         };
         let report = vmm.checkpoint(&options).map_err(|e| match e {
             Error::WrongState(_) => VmmError::WrongState {
@@ -139,6 +144,9 @@ impl VmmHandle for VmmControl {
             // The destination's folder is missing or not writable.
             Error::Snapshot(e @ SnapshotError::Destination(_)) => {
                 VmmError::InvalidArgument(format!("path: {e}"))
+            }
+            Error::Snapshot(e @ (SnapshotError::CopyPlan(_) | SnapshotError::UnknownDrive(_))) => {
+                VmmError::InvalidArgument(format!("drive_copies: {e}"))
             }
             e => VmmError::Failed(e.to_string()),
         })?;
@@ -163,6 +171,9 @@ impl VmmHandle for VmmControl {
                 AfterCheckpoint::Stop => VmState::Stopped,
                 AfterCheckpoint::Resume => self.state(&vmm),
             },
+            omission: report.omission.clone(),
+            drive_copy_bytes: report.drive_copy_bytes,
+            drive_copy: report.drive_copy,
         })
     }
 

@@ -21,6 +21,7 @@ use vm_memory::GuestMemoryBackend as _;
 
 use super::config::Console;
 use super::devices::DevicesError;
+use super::omit::{Claims, DEFAULT_SCAN_TIMEOUT};
 use super::{RunState, Vmm, VmmError, VmmEvents, VmmState};
 use crate::checkpoint::{
     CheckpointReader, CheckpointWriter, DriveFiles, DriveInfo, ReadError, WriteError, WriteOptions,
@@ -29,6 +30,7 @@ use crate::checkpoint::{
 use crate::control::RestoreInfo;
 use crate::devices::virtio::block::BlockError;
 use crate::devices::virtio::vsock::device::EVENT_QUEUE;
+use crate::omission::{Mode, OmissionReport, Verification};
 
 /// What can go wrong taking or restoring a checkpoint.
 #[derive(Debug, thiserror::Error)]
@@ -49,6 +51,12 @@ pub enum SnapshotError {
     /// A new vsock device was asked for, but the checkpointed VM had none.
     #[error("the checkpointed VM has no vsock device to give a new cid or socket")]
     NoVsock,
+    /// The drive copies asked for cannot be made as asked.
+    #[error("drive_copies: {0}")]
+    CopyPlan(String),
+    /// A drive copy failed.
+    #[error(transparent)]
+    Copy(crate::disk_copy::CopyError),
     /// The file's drive table and the state disagree.
     #[error("the checkpoint's drive table does not match its VM state: {0}")]
     Inconsistent(String),
@@ -73,6 +81,29 @@ pub struct CheckpointOptions {
     pub after: After,
     /// How to write the file.
     pub write: WriteOptions,
+    /// Which pages to store.
+    pub mode: Mode,
+    /// How the agent's report is checked (ditto mode).
+    pub verification: Verification,
+    /// How long the agent's scan and the free-page round may take in all.
+    pub scan_timeout: Duration,
+    /// Drives to copy while the VM is paused: (drive id, new file).
+    pub drive_copies: Vec<(String, PathBuf)>,
+}
+
+impl CheckpointOptions {
+    /// A full checkpoint to `path` with the default write options.
+    pub fn full(path: PathBuf, after: After) -> Self {
+        Self {
+            path,
+            after,
+            write: WriteOptions::default(),
+            mode: Mode::Full,
+            verification: Verification::DirtyLog,
+            scan_timeout: DEFAULT_SCAN_TIMEOUT,
+            drive_copies: Vec::new(),
+        }
+    }
 }
 
 /// A written checkpoint.
@@ -87,6 +118,12 @@ pub struct CheckpointReport {
     pub pause: Duration,
     /// The whole operation.
     pub total: Duration,
+    /// What a ditto or free-only checkpoint omitted and refused.
+    pub omission: Option<OmissionReport>,
+    /// Bytes the drive copies take (allocated).
+    pub drive_copy_bytes: u64,
+    /// How long the drive copies took.
+    pub drive_copy: Duration,
 }
 
 /// How a restore changes the checkpointed VM.
@@ -131,7 +168,7 @@ impl Vmm {
 
     /// Writes a checkpoint of the running or paused VM to `options.path` (see the module
     /// documentation). On an error the VM is as it was before (a running VM runs on) and no
-    /// file is left at the destination.
+    /// file is left at the destination (nor any drive copy).
     pub fn checkpoint(
         &mut self,
         options: &CheckpointOptions,
@@ -140,22 +177,43 @@ impl Vmm {
         if !matches!(self.state, RunState::Running | RunState::Paused) {
             return Err(VmmError::WrongState(self.state));
         }
-        let mut writer = CheckpointWriter::create(&options.path, options.write.clone())
+        let copies = self.drive_copy_plan(&options.drive_copies)?;
+        let writer = CheckpointWriter::create(&options.path, options.write.clone())
             .map_err(SnapshotError::Destination)?;
         let was_running = self.state == RunState::Running;
+
+        // While the guest runs: arm the tracking, then ask the guest what it may omit.
+        let mut omission = (options.mode != Mode::Full).then(OmissionReport::default);
+        let claims = match &mut omission {
+            Some(report) if !was_running => {
+                report.degrade(
+                    "the VM was paused, so neither its agent nor its balloon could be asked; \
+                     every page is saved",
+                );
+                None
+            }
+            Some(report) => self
+                .arm_tracking(report)
+                .then(|| self.ask_guest(options.mode, options.scan_timeout, report)),
+            None => None,
+        };
+
         let paused_at = Instant::now();
-        if was_running {
-            self.pause()?;
+        if was_running && let Err(e) = self.pause() {
+            self.disarm_tracking();
+            return Err(e);
         }
-        let written = self.capture().and_then(|state| {
-            writer
-                .write_memory(self.vm.memory(), &self.drive_table(), &[])
-                .and_then(|()| writer.finish_json(&state))
-                .map_err(|e| SnapshotError::from(e).into())
-        });
-        let stats = match written {
-            Ok(stats) => stats,
+        let written = self.write_paused(writer, options, &copies, claims.as_ref(), &mut omission);
+        self.disarm_tracking();
+        if claims.is_some() {
+            self.end_free_hinting();
+        }
+        let (stats, copied) = match written {
+            Ok(done) => done,
             Err(e) => {
+                for (_, to) in &copies {
+                    let _ = std::fs::remove_file(to);
+                }
                 if was_running {
                     // The guest runs on as before; the write error is the one to report.
                     let _ = self.resume();
@@ -171,12 +229,88 @@ impl Vmm {
         } else {
             Duration::ZERO
         };
+        if let Some(report) = &omission {
+            tracing::info!(
+                path = %options.path.display(),
+                mode = %options.mode,
+                omitted_cache = report.pages_omitted_cache,
+                omitted_free = report.pages_omitted_free,
+                degraded = report.degraded.len(),
+                "checkpoint written"
+            );
+        }
         Ok(CheckpointReport {
             path: options.path.clone(),
             stats,
             pause,
             total: started.elapsed(),
+            omission,
+            drive_copy_bytes: copied.0,
+            drive_copy: copied.1,
         })
+    }
+
+    /// Each requested drive copy as (drive index, new file), checked before anything pauses.
+    fn drive_copy_plan(
+        &self,
+        copies: &[(String, PathBuf)],
+    ) -> Result<Vec<(usize, PathBuf)>, VmmError> {
+        let mut plan: Vec<(usize, PathBuf)> = Vec::with_capacity(copies.len());
+        for (id, to) in copies {
+            let index = self
+                .config
+                .drives
+                .iter()
+                .position(|d| d.id == *id)
+                .ok_or_else(|| SnapshotError::UnknownDrive(id.clone()))?;
+            if plan.iter().any(|(i, _)| *i == index) {
+                return Err(
+                    SnapshotError::CopyPlan(format!("drive {id:?} is copied twice")).into(),
+                );
+            }
+            if !to.is_absolute() || to.exists() || !to.parent().is_some_and(Path::is_dir) {
+                return Err(SnapshotError::CopyPlan(format!(
+                    "the copy of drive {id:?} must be a new file in an existing folder, not {}",
+                    to.display()
+                ))
+                .into());
+            }
+            plan.push((index, to.clone()));
+        }
+        Ok(plan)
+    }
+
+    /// With the VM paused: copies the drives, decides what to omit, and writes the file.
+    /// Returns the file's statistics and the drive copies' allocated bytes and time.
+    fn write_paused(
+        &mut self,
+        mut writer: CheckpointWriter,
+        options: &CheckpointOptions,
+        copies: &[(usize, PathBuf)],
+        claims: Option<&Claims>,
+        omission: &mut Option<OmissionReport>,
+    ) -> Result<(WriteStats, (u64, Duration)), VmmError> {
+        let t = Instant::now();
+        let mut copied = 0;
+        for (index, to) in copies {
+            let from = &self.config.drives[*index].path;
+            copied += crate::disk_copy::copy_sparse(from, to)
+                .map_err(SnapshotError::Copy)?
+                .allocated_bytes;
+        }
+        let copy_time = t.elapsed();
+        let extents = match (claims, omission.as_mut()) {
+            (Some(claims), Some(report)) => {
+                self.decide_omissions(claims, options.verification, report)
+            }
+            _ => Vec::new(),
+        };
+        let state = self.capture()?;
+        writer
+            .write_memory(self.vm.memory(), &self.drive_table(), &extents)
+            .map_err(SnapshotError::from)?;
+        let stats = writer.finish_json(&state).map_err(SnapshotError::from)?;
+        Ok((stats, (copied, copy_time)))
     }
 
     /// Builds a paused VM from the checkpoint at `path` with the changes of `options` (see the
