@@ -33,6 +33,10 @@ enum Command {
         /// Treat loop devices as disks (for hosts that are not ditto guests, such as tests).
         #[arg(long)]
         include_loop_devices: bool,
+        /// Fault injection for testing hosts: add this many bytes to every reported disk
+        /// offset, so the report lies. Never use it in a real guest.
+        #[arg(long, hide = true, value_name = "BYTES", default_value_t = 0)]
+        misreport_offsets: u64,
     },
     /// Scan once and print a summary, or the whole report as JSON.
     Scan {
@@ -70,7 +74,11 @@ fn main() -> anyhow::Result<()> {
             listen,
             no_exec,
             include_loop_devices,
-        } => serve(&listen, AgentService::new(!no_exec, include_loop_devices)),
+            misreport_offsets,
+        } => serve(
+            &listen,
+            AgentService::new(!no_exec, include_loop_devices).misreporting(misreport_offsets),
+        ),
         Command::Scan {
             paths,
             json,

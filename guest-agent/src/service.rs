@@ -21,6 +21,7 @@ pub use pb::agent_server::AgentServer;
 pub struct AgentService {
     exec_enabled: bool,
     include_loop_devices: bool,
+    misreport_offsets: u64,
     scans: Arc<Semaphore>,
 }
 
@@ -30,8 +31,16 @@ impl AgentService {
         Self {
             exec_enabled,
             include_loop_devices,
+            misreport_offsets: 0,
             scans: Arc::new(Semaphore::new(1)),
         }
+    }
+
+    /// Fault injection for testing hosts: every reported disk offset is `bytes` too far, so
+    /// the report lies (0: the truth).
+    pub fn misreporting(mut self, bytes: u64) -> Self {
+        self.misreport_offsets = bytes;
+        self
     }
 }
 
@@ -78,7 +87,7 @@ fn summary_chunk(
     }
 }
 
-fn event_chunk(event: ScanEvent) -> pb::ScanChunk {
+fn event_chunk(event: ScanEvent, skew: u64) -> pb::ScanChunk {
     match event {
         ScanEvent::Disks(disks) => disk_table(disks),
         ScanEvent::Extents(batch) => pb::ScanChunk {
@@ -89,7 +98,7 @@ fn event_chunk(event: ScanEvent) -> pb::ScanChunk {
                         pfn: e.pfn,
                         pages: e.pages,
                         disk: e.disk,
-                        offset: e.offset,
+                        offset: e.offset.wrapping_add(skew),
                     })
                     .collect(),
             })),
@@ -138,11 +147,13 @@ impl pb::agent_server::Agent for AgentService {
             include_loop_devices: self.include_loop_devices,
             after_mincore: None,
         };
+        let skew = self.misreport_offsets;
         let (tx, rx) = mpsc::channel(4);
         tokio::task::spawn_blocking(move || {
             let _permit = permit;
             let result = scan::scan(&options, |event| {
-                tx.blocking_send(Ok(event_chunk(event))).map_err(|_| ())
+                tx.blocking_send(Ok(event_chunk(event, skew)))
+                    .map_err(|_| ())
             });
             let last = match result {
                 // The census is a measurement for the host; a scan without it is still whole.

@@ -9,8 +9,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
+use ditto_host::control::VmmClient;
 use ditto_proto::agent::v1::agent_client::AgentClient;
 use tonic::transport::Channel;
+
+use crate::microvm::images_dir;
+use crate::workload::sh;
 
 pub use ditto_host::agent::AGENT_PORT;
 /// The command line every test guest gets before its own part.
@@ -255,4 +259,106 @@ pub async fn agent_over_control_tunnel(control: PathBuf, port: u32) -> AgentClie
         .await
         .expect("agent channel through the control socket's ConnectVsock tunnel");
     AgentClient::new(channel).max_decoding_message_size(ditto_host::agent::MAX_REPLY_BYTES)
+}
+fn path_str(path: &Path) -> &str {
+    path.to_str().expect("a UTF-8 path")
+}
+
+/// The guest's uptime in seconds.
+pub async fn uptime(agent: &mut AgentClient<Channel>) -> f64 {
+    let (code, out) = sh(agent, "cat /proc/uptime").await;
+    assert_eq!(code, 0);
+    out.split_whitespace()
+        .next()
+        .and_then(|t| t.parse().ok())
+        .unwrap_or_else(|| panic!("not an uptime: {out:?}"))
+}
+
+/// A VMM process with its vsock socket and control socket, for tests that checkpoint and
+/// restore.
+pub struct TestVm {
+    /// The process.
+    pub process: VmmProcess,
+    /// The hybrid vsock socket.
+    pub uds: PathBuf,
+    /// The control socket.
+    pub control: PathBuf,
+}
+
+impl TestVm {
+    /// The sockets of a VM in `dir` and the arguments that give them to ditto-vmm with `cid`.
+    fn sockets(dir: &Path, cid: u32) -> (PathBuf, PathBuf, Vec<String>) {
+        let (uds, control) = (dir.join("vsock.sock"), dir.join("control.sock"));
+        let args = vec![
+            "--vsock-cid".to_owned(),
+            cid.to_string(),
+            "--vsock-uds".to_owned(),
+            path_str(&uds).to_owned(),
+            "--control".to_owned(),
+            path_str(&control).to_owned(),
+        ];
+        (uds, control, args)
+    }
+
+    /// Boots the image on `root` with a vsock `cid` and `mem_mib` of RAM, one vCPU.
+    pub fn boot(dir: &Path, root: &Path, cid: u32, mem_mib: u64) -> Self {
+        let (uds, control, mut args) = Self::sockets(dir, cid);
+        args.extend([
+            "--vcpus".into(),
+            "1".into(),
+            "--mem-mib".into(),
+            mem_mib.to_string(),
+        ]);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let process = VmmProcess::spawn(
+            &images_dir().expect("images"),
+            &format!("id=root,path={}", root.display()),
+            dir,
+            "rw",
+            &args,
+        );
+        Self {
+            process,
+            uds,
+            control,
+        }
+    }
+
+    /// Restores `checkpoint` with a new vsock `cid`, and its root disk at `root` (`None`: the
+    /// image the checkpointed VM had).
+    pub fn restore(checkpoint: &Path, dir: &Path, root: Option<&Path>, cid: u32) -> Self {
+        let (uds, control, mut args) = Self::sockets(dir, cid);
+        if let Some(root) = root {
+            args.extend(["--drive".into(), format!("id=root,path={}", root.display())]);
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let process = VmmProcess::restore(checkpoint, dir, &args);
+        Self {
+            process,
+            uds,
+            control,
+        }
+    }
+
+    /// The control client, once the VMM serves its socket.
+    pub async fn control(&self) -> VmmClient {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            match VmmClient::connect(&self.control).await {
+                Ok(c) => return c,
+                Err(e) if Instant::now() < deadline => {
+                    let _ = e;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => panic!("control socket: {e}\n{}", self.process.transcript()),
+            }
+        }
+    }
+
+    /// The guest agent, once the VMM serves its control socket (a restore fills memory
+    /// first).
+    pub async fn agent(&self) -> AgentClient<Channel> {
+        self.control().await;
+        agent_over_hybrid_vsock(self.uds.clone(), AGENT_PORT).await
+    }
 }

@@ -11,117 +11,17 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use ditto_host::control::{AfterCheckpoint, CheckpointSpec, VmState, VmmClient};
-use ditto_proto::agent::v1::agent_client::AgentClient;
+use ditto_host::control::{AfterCheckpoint, CheckpointSpec, VmState};
 use ditto_tests::microvm::images_dir;
-use ditto_tests::vmm::{AGENT_PORT, VmmProcess, agent_over_hybrid_vsock, sparse_copy};
+use ditto_tests::vmm::{TestVm as Vm, VmmProcess, sparse_copy, uptime};
 use ditto_tests::workload::{CONTROL, WORKLOAD, count, sh, try_sh, verify};
 use serde_json::Value;
-use tonic::transport::Channel;
 
 const BOOT: Duration = Duration::from_secs(240);
 const MEM_MIB: u64 = 1024;
 const ANON_MIB: u64 = 300;
 const FILE_MIB: u64 = 8;
 const FILES: u64 = 4;
-
-fn path_str(path: &Path) -> &str {
-    path.to_str().expect("a UTF-8 path")
-}
-
-/// The guest's uptime in seconds.
-async fn uptime(agent: &mut AgentClient<Channel>) -> f64 {
-    let (code, out) = sh(agent, "cat /proc/uptime").await;
-    assert_eq!(code, 0);
-    out.split_whitespace()
-        .next()
-        .and_then(|t| t.parse().ok())
-        .unwrap_or_else(|| panic!("not an uptime: {out:?}"))
-}
-
-/// A VMM process with its folder, vsock socket and control socket.
-struct Vm {
-    process: VmmProcess,
-    uds: PathBuf,
-    control: PathBuf,
-}
-
-impl Vm {
-    /// The sockets of a VM in `dir` and the arguments that give them to ditto-vmm with `cid`.
-    fn sockets(dir: &Path, cid: u32) -> (PathBuf, PathBuf, Vec<String>) {
-        let (uds, control) = (dir.join("vsock.sock"), dir.join("control.sock"));
-        let args = vec![
-            "--vsock-cid".to_owned(),
-            cid.to_string(),
-            "--vsock-uds".to_owned(),
-            path_str(&uds).to_owned(),
-            "--control".to_owned(),
-            path_str(&control).to_owned(),
-        ];
-        (uds, control, args)
-    }
-
-    /// Boots the image on `root` with a vsock `cid`.
-    fn boot(dir: &Path, root: &Path, cid: u32) -> Self {
-        let (uds, control, mut args) = Self::sockets(dir, cid);
-        args.extend([
-            "--vcpus".into(),
-            "1".into(),
-            "--mem-mib".into(),
-            MEM_MIB.to_string(),
-        ]);
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let process = VmmProcess::spawn(
-            &images_dir().expect("images"),
-            &format!("id=root,path={}", root.display()),
-            dir,
-            "rw",
-            &args,
-        );
-        Self {
-            process,
-            uds,
-            control,
-        }
-    }
-
-    /// Restores `checkpoint` with a new vsock `cid`, and its root disk at `root` (`None`: the
-    /// image the checkpointed VM had).
-    fn restore(checkpoint: &Path, dir: &Path, root: Option<&Path>, cid: u32) -> Self {
-        let (uds, control, mut args) = Self::sockets(dir, cid);
-        if let Some(root) = root {
-            args.extend(["--drive".into(), format!("id=root,path={}", root.display())]);
-        }
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let process = VmmProcess::restore(checkpoint, dir, &args);
-        Self {
-            process,
-            uds,
-            control,
-        }
-    }
-
-    async fn control(&self) -> VmmClient {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            match VmmClient::connect(&self.control).await {
-                Ok(c) => return c,
-                Err(e) if Instant::now() < deadline => {
-                    let _ = e;
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-                Err(e) => panic!("control socket: {e}\n{}", self.process.transcript()),
-            }
-        }
-    }
-
-    /// The guest agent, once the VMM serves its control socket (a restore fills memory
-    /// first).
-    async fn agent(&self) -> AgentClient<Channel> {
-        self.control().await;
-        agent_over_hybrid_vsock(self.uds.clone(), AGENT_PORT).await
-    }
-}
 
 /// Checks a restored workload against the report taken just before the checkpoint: intact,
 /// the same process, its heartbeat carried on from where it was.
@@ -193,7 +93,7 @@ fn checkpointed_guests_restore_with_their_memory_and_files_and_keep_running() {
     let root = original_dir.join("rootfs.ext4");
     sparse_copy(&images.join("rootfs.ext4"), &root).expect("root copy");
     let booted = Instant::now();
-    let mut original = Vm::boot(&original_dir, &root, 3);
+    let mut original = Vm::boot(&original_dir, &root, 3, MEM_MIB);
     original.process.wait_for("ditto-agent serving", BOOT);
     println!(
         "measured: boot of the {MEM_MIB} MiB guest to a serving agent: {:.1} s",

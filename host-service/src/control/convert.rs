@@ -98,6 +98,7 @@ pub fn checkpoint_spec_from_pb(r: pb::CheckpointRequest) -> Result<CheckpointSpe
         scan_timeout: (r.scan_timeout_ms > 0)
             .then(|| Duration::from_millis(r.scan_timeout_ms.into())),
         drive_copies,
+        agent_port: (r.agent_port > 0).then_some(r.agent_port),
     })
 }
 
@@ -135,6 +136,7 @@ impl From<CheckpointSpec> for pb::CheckpointRequest {
                     path: path.to_string_lossy().into_owned(),
                 })
                 .collect(),
+            agent_port: s.agent_port.unwrap_or(0),
         }
     }
 }
@@ -383,6 +385,7 @@ mod tests {
             verification: Verification::Sample(5),
             scan_timeout: Some(Duration::from_millis(1500)),
             drive_copies: vec![("root".into(), "/var/lib/ditto/root.img".into())],
+            agent_port: Some(4000),
         };
         let wire = pb::CheckpointRequest::from(spec.clone());
         assert_eq!(checkpoint_spec_from_pb(wire.clone()).unwrap(), spec);
@@ -393,6 +396,7 @@ mod tests {
                     verification,
                     scan_timeout: None,
                     drive_copies: vec![],
+                    agent_port: None,
                     ..spec.clone()
                 };
                 let wire = pb::CheckpointRequest::from(spec.clone());

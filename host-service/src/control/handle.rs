@@ -120,6 +120,8 @@ pub struct CheckpointSpec {
     pub scan_timeout: Option<Duration>,
     /// Drives to copy while the VM is paused: (drive id, new file).
     pub drive_copies: Vec<(String, PathBuf)>,
+    /// The guest vsock port of the agent (`None`: the agent's default).
+    pub agent_port: Option<u32>,
 }
 
 /// A written checkpoint (durations travel in whole microseconds).

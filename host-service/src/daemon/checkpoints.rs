@@ -511,6 +511,7 @@ async fn write_checkpoint(job: Job<'_>) -> Result<(CheckpointRecord, Duration), 
             verification: ask.verification,
             scan_timeout: ask.scan_timeout,
             drive_copies: copies,
+            agent_port: None,
         })
         .await
         .map_err(|e| match e.code() {

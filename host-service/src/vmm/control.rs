@@ -9,6 +9,7 @@ use std::time::Duration;
 use super::omit::DEFAULT_SCAN_TIMEOUT;
 use super::snapshot::{After, CheckpointOptions, SnapshotError};
 use super::{EventSender, ExitReason, RunState, Vmm, VmmError as Error};
+use crate::agent::AGENT_PORT;
 use crate::checkpoint::WriteOptions;
 use crate::control::{
     AfterCheckpoint, CheckpointResult, CheckpointSpec, DriveInfo, VmState, VmStatus, VmmError,
@@ -135,6 +136,7 @@ impl VmmHandle for VmmControl {
             verification: spec.verification,
             scan_timeout: spec.scan_timeout.unwrap_or(DEFAULT_SCAN_TIMEOUT),
             drive_copies: spec.drive_copies.clone(),
+            agent_port: spec.agent_port.unwrap_or(AGENT_PORT),
         };
         let report = vmm.checkpoint(&options).map_err(|e| match e {
             Error::WrongState(_) => VmmError::WrongState {

@@ -8,14 +8,14 @@ use std::fs::File;
 use std::time::{Duration, Instant};
 
 use super::Vmm;
-use crate::agent::AGENT_PORT;
+use super::snapshot::CheckpointOptions;
 use crate::checkpoint::PageExtent;
 use crate::kvm::PAGE_SIZE;
 use crate::kvm::memory::MemoryLayout;
 use crate::omission::decide::{self, Drive, Facts, FreeRange};
 use crate::omission::report::{self, AgentReport};
 use crate::omission::verify::MemoryAndDrives;
-use crate::omission::{Mode, OmissionReport, Verification, micros};
+use crate::omission::{OmissionReport, Verification, micros};
 
 /// How long the agent's scan and the free-page round may take when the caller does not say.
 pub const DEFAULT_SCAN_TIMEOUT: Duration = Duration::from_secs(60);
@@ -52,18 +52,19 @@ impl Vmm {
         }
     }
 
-    /// Asks the running guest what `mode` needs, within `timeout` in all.
+    /// Asks the running guest what the checkpoint's mode needs, within its scan timeout in
+    /// all.
     pub(super) fn ask_guest(
         &self,
-        mode: Mode,
-        timeout: Duration,
+        options: &CheckpointOptions,
         report: &mut OmissionReport,
     ) -> Claims {
+        let (mode, timeout) = (options.mode, options.scan_timeout);
         let deadline = Instant::now() + timeout;
         let mut claims = Claims::default();
         if mode.omits_cache() {
             let started = Instant::now();
-            claims.agent = self.agent_report(timeout, report);
+            claims.agent = self.agent_report(options.agent_port, timeout, report);
             report.scan_us = micros(started.elapsed());
         }
         if mode.omits_free() {
@@ -75,13 +76,18 @@ impl Vmm {
         claims
     }
 
-    fn agent_report(&self, timeout: Duration, report: &mut OmissionReport) -> Option<AgentReport> {
+    fn agent_report(
+        &self,
+        port: u32,
+        timeout: Duration,
+        report: &mut OmissionReport,
+    ) -> Option<AgentReport> {
         let Some(vsock) = &self.config.vsock else {
             report.degrade(report::ReportError::NoVsock.to_string());
             return None;
         };
         let guest_pages = MemoryLayout::of(self.vm.memory()).total_bytes() / PAGE_SIZE;
-        match report::fetch(&vsock.uds, AGENT_PORT, guest_pages, timeout) {
+        match report::fetch(&vsock.uds, port, guest_pages, timeout) {
             Ok(agent) => {
                 report.guest_frames = agent.summary.guest_frames.clone().into_iter().collect();
                 if agent.summary.budget_exhausted {

@@ -23,6 +23,7 @@ use super::config::Console;
 use super::devices::DevicesError;
 use super::omit::{Claims, DEFAULT_SCAN_TIMEOUT};
 use super::{RunState, Vmm, VmmError, VmmEvents, VmmState};
+use crate::agent::AGENT_PORT;
 use crate::checkpoint::{
     CheckpointReader, CheckpointWriter, DriveFiles, DriveInfo, ReadError, WriteError, WriteOptions,
     WriteStats, fill_disk_refs,
@@ -89,6 +90,8 @@ pub struct CheckpointOptions {
     pub scan_timeout: Duration,
     /// Drives to copy while the VM is paused: (drive id, new file).
     pub drive_copies: Vec<(String, PathBuf)>,
+    /// The guest vsock port of the agent.
+    pub agent_port: u32,
 }
 
 impl CheckpointOptions {
@@ -102,6 +105,7 @@ impl CheckpointOptions {
             verification: Verification::DirtyLog,
             scan_timeout: DEFAULT_SCAN_TIMEOUT,
             drive_copies: Vec::new(),
+            agent_port: AGENT_PORT,
         }
     }
 }
@@ -194,7 +198,7 @@ impl Vmm {
             }
             Some(report) => self
                 .arm_tracking(report)
-                .then(|| self.ask_guest(options.mode, options.scan_timeout, report)),
+                .then(|| self.ask_guest(options, report)),
             None => None,
         };
 

@@ -1,0 +1,500 @@
+//! Ditto checkpoints of a Linux guest under ditto-vmm, in the KVM test box: clean page cache is
+//! stored as references to disk blocks and restored from the disk, and nothing the guest, the
+//! VMM or the disk wrote, and nothing a lying, dying or slow agent said, ever makes a restored
+//! guest's memory wrong.
+//!
+//! One 768 MiB guest runs `ditto-workload` (anonymous memory and fsynced files) plus files for
+//! the rounds below. Each round takes a ditto checkpoint of the running guest, with the VMM
+//! copying its disk while it is paused, and restores it in a new VMM on that copy. Every
+//! restored guest must pass the workload's verify (every page and file), and its page cache
+//! must agree with its disk: after `sync`, every file hashes the same through the cache and
+//! after `drop_caches`. The rounds:
+//!
+//! 1. read-heavy, no disturbance, every reported page compared with the disk (`full`);
+//! 2. during the checkpoint, a loop rewrites cached files with write(2), writes others with
+//!    O_DIRECT, truncates and unlinks files so the filesystem reuses their blocks, and writes
+//!    raw bytes to the block device under a cached file: the raw write must not reach the
+//!    restored page cache (the guest's stale page stays stale);
+//! 3. memory pressure that evicts and reuses frames during the scan;
+//! 4. the agent killed in the middle of its scan, and a scan timeout too short to finish;
+//! 5. an agent that reports wrong disk offsets: with sampled verification the report is
+//!    distrusted and its pages saved; with only the dirty log its references are wrong, so the
+//!    restore refuses (hash mismatch) before any guest runs;
+//! 6. the drive copy changed behind ditto's back: the restore refuses.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use ditto_host::control::{AfterCheckpoint, CheckpointResult, CheckpointSpec, VmmClient};
+use ditto_host::omission::{Mode, OmissionReport, Verification};
+use ditto_proto::agent::v1::agent_client::AgentClient;
+use ditto_tests::microvm::images_dir;
+use ditto_tests::vmm::{TestVm, sparse_copy};
+use ditto_tests::workload::{CONTROL, WORKLOAD, count, sh, verify};
+use serde_json::Value;
+use tonic::transport::Channel;
+
+const BOOT: Duration = Duration::from_secs(240);
+const MEM_MIB: u64 = 768;
+const ANON_MIB: u64 = 64;
+const FILE_MIB: u64 = 96;
+const FILES: u64 = 24;
+/// Where the page cache must agree with the disk once round 2 wrote raw blocks under
+/// /data/raw (whose cache stays stale on purpose).
+const AFTER_RAW: &str = "/data/workload /data/extra /usr";
+/// The port of the lying agent.
+const LIAR_PORT: u32 = 10300;
+
+/// Files for the disturbance rounds, each 8 MiB of random bytes, written and synced.
+const SETUP: &str = "set -e
+mkdir -p /data/extra/churn /data/raw
+for f in rw1 od1 tr1 u1 u2; do head -c 8388608 /dev/urandom > /data/extra/$f; done
+head -c 8388608 /dev/urandom > /data/raw/r1
+head -c 4096 /dev/urandom > /root/rawblk
+sync";
+
+/// Rewrites, O_DIRECT writes, truncation, unlink and block reuse, and raw writes under
+/// /data/raw/r1 at byte `$RAW` of /dev/vda, for `$SECS` seconds.
+const DISTURB: &str = r#"end=$(( $(date +%s) + SECS ))
+i=0
+while [ $(date +%s) -lt $end ]; do
+  i=$((i + 1))
+  dd if=/dev/urandom of=/data/extra/rw1 bs=4096 count=32 seek=$((i % 2000)) conv=notrunc 2>/dev/null
+  dd if=/dev/urandom of=/data/extra/od1 bs=4096 count=8 seek=$((i % 2000)) conv=notrunc oflag=direct 2>/dev/null
+  truncate -s 0 /data/extra/tr1; head -c 2097152 /dev/urandom > /data/extra/tr1
+  rm -f /data/extra/u$((i % 2 + 1)); head -c 4194304 /dev/urandom > /data/extra/churn/c$((i % 4))
+  cat /data/extra/churn/c$(( (i + 1) % 4 )) > /data/extra/u$((i % 2 + 1)) 2>/dev/null || true
+  dd if=/root/rawblk of=/dev/vda bs=4096 count=1 seek=RAW oflag=seek_bytes,direct conv=notrunc 2>/dev/null
+  sync
+done"#;
+
+/// Memory pressure: a 420 MiB buffer filled and dropped again and again, with file reads in
+/// between, for `SECS` seconds.
+const PRESSURE: &str = r#"end=$(( $(date +%s) + SECS ))
+while [ $(date +%s) -lt $end ]; do
+  dd if=/dev/zero of=/dev/null bs=440401920 count=1 2>/dev/null
+  cat /data/extra/* /usr/bin/* > /dev/null 2>&1
+done"#;
+
+/// A shell check that the page cache agrees with the disk under `dirs`: the hashes through the
+/// cache (after `sync` wrote every dirty page back) equal those read after dropping the cache.
+fn coherence_check(dirs: &str) -> String {
+    format!(
+        "sync; find {dirs} -type f | sort | xargs sha256sum > /tmp/cached; \
+         echo 3 > /proc/sys/vm/drop_caches; \
+         find {dirs} -type f | sort | xargs sha256sum > /tmp/ondisk; \
+         cmp /tmp/cached /tmp/ondisk && wc -l < /tmp/cached"
+    )
+}
+
+/// A ditto checkpoint of the running VM into `dir/NAME.ditto`, its root disk copied to
+/// `dir/NAME.ext4` while paused.
+async fn ditto(
+    control: &VmmClient,
+    dir: &Path,
+    name: &str,
+    verification: Verification,
+    agent_port: Option<u32>,
+    scan_timeout: Option<Duration>,
+) -> (CheckpointResult, PathBuf, PathBuf) {
+    let (file, disk) = (
+        dir.join(format!("{name}.ditto")),
+        dir.join(format!("{name}.ext4")),
+    );
+    let result = control
+        .checkpoint(CheckpointSpec {
+            path: file.clone(),
+            after: AfterCheckpoint::Resume,
+            mode: Mode::Ditto,
+            verification,
+            scan_timeout,
+            agent_port,
+            drive_copies: vec![("root".into(), disk.clone())],
+            ..Default::default()
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{name}: checkpoint: {e}"));
+    let o = result.omission.clone().expect("a ditto checkpoint reports");
+    println!(
+        "measured: round {name}: {} MiB stored, pause {} ms (drive copy {} ms), scan {} ms; \
+         pages: {} saved, {} zero, {} on disk, {} free; reported {} cache; rejected: guest \
+         write {}, VMM write {}, disk write {}, validation {}, verification {}; verified {} \
+         ({} differing); degraded: {:?}",
+        result.stored_bytes >> 20,
+        result.pause.as_millis(),
+        result.drive_copy.as_millis(),
+        o.scan_us / 1000,
+        result.pages_saved,
+        result.pages_zero,
+        result.pages_disk,
+        result.pages_free,
+        o.pages_reported_cache,
+        o.rejected_guest_write,
+        o.rejected_vmm_write,
+        o.rejected_disk_write,
+        o.rejected_validation,
+        o.rejected_verification,
+        o.pages_verified,
+        o.pages_mismatched,
+        o.degraded
+    );
+    assert_eq!(
+        result.pages_saved + result.pages_zero + result.pages_disk + result.pages_free,
+        MEM_MIB * 256,
+        "{name}: every page is accounted for"
+    );
+    assert_eq!(o.pages_omitted_cache, result.pages_disk, "{name}");
+    (result, file, disk)
+}
+
+/// Degradations other than the balloon's (which the guest may lack).
+fn agent_degradations(o: &OmissionReport) -> Vec<&String> {
+    o.degraded
+        .iter()
+        .filter(|d| !d.contains("balloon"))
+        .collect()
+}
+
+/// Restores `file` on `disk` with `cid` in `dir/name`, and checks the guest: the workload
+/// verifies every page and file, and the page cache under `coherent_dirs` agrees with the disk.
+/// Runs `first` in the guest before the checks (to stop loops the checkpoint caught running).
+async fn restore_and_check(
+    work: &Path,
+    name: &str,
+    file: &Path,
+    disk: &Path,
+    cid: u32,
+    first: &str,
+    coherent_dirs: &str,
+) -> (TestVm, AgentClient<Channel>) {
+    let dir = work.join(name);
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    let vm = TestVm::restore(file, &dir, Some(disk), cid);
+    let status = vm.control().await.status().await.expect("status");
+    let restored = status.restored.clone().expect("restored");
+    println!(
+        "measured: restore {name}: memory {} ms, disk-referenced pages {} ({} ms), total {} ms",
+        restored.memory.as_millis(),
+        restored.pages_disk,
+        restored.disk.as_millis(),
+        restored.total.as_millis()
+    );
+    let mut agent = vm.agent().await;
+    if !first.is_empty() {
+        sh(&mut agent, first).await;
+    }
+    let (code, report) = verify(&mut agent).await;
+    assert_eq!(code, 0, "{name}: {report}\n{}", vm.process.transcript());
+    assert_eq!(count(&report["memory"]["bad_pages"]), 0, "{name}");
+    assert_eq!(count(&report["files"]["checked"]), FILES, "{name}");
+    let (code, out) = sh(&mut agent, &coherence_check(coherent_dirs)).await;
+    assert_eq!(code, 0, "{name}: page cache and disk disagree: {out}");
+    println!(
+        "{name}: {} files agree through the cache and on disk",
+        out.trim()
+    );
+    (vm, agent)
+}
+
+/// The byte offset on the root disk of the first cached page of /data/raw/r1, from the
+/// agent's own scan of that folder.
+async fn raw_target(agent: &mut AgentClient<Channel>) -> u64 {
+    let (code, out) = sh(
+        agent,
+        "cat /data/raw/r1 > /dev/null; ditto-agent scan --path /data/raw --json",
+    )
+    .await;
+    assert_eq!(code, 0, "{out}");
+    let report: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    report["cache_extents"]
+        .as_array()
+        .and_then(|e| e.iter().map(|e| count(&e["offset"])).min())
+        .unwrap_or_else(|| panic!("no cached page of r1: {report}"))
+}
+
+/// Runs `script` detached in the guest (its own session, output discarded).
+async fn detach(agent: &mut AgentClient<Channel>, name: &str, script: &str) {
+    let (code, out) = sh(
+        agent,
+        &format!(
+            "cat > /root/{name}.sh <<'SCRIPT'\n{script}\nSCRIPT\n\
+             setsid sh /root/{name}.sh </dev/null >/dev/null 2>&1 &"
+        ),
+    )
+    .await;
+    assert_eq!(code, 0, "{out}");
+}
+
+#[test]
+#[ignore = "boots Linux: runs in the KVM test box"]
+fn ditto_checkpoints_never_restore_wrong_memory() {
+    let images = images_dir().expect("images");
+    let work = tempfile::tempdir().expect("tmp");
+    let work = work.path();
+    let original_dir = work.join("original");
+    std::fs::create_dir_all(&original_dir).expect("mkdir");
+    let root = original_dir.join("rootfs.ext4");
+    sparse_copy(&images.join("rootfs.ext4"), &root).expect("root copy");
+    let mut original = TestVm::boot(&original_dir, &root, 3, MEM_MIB);
+    original.process.wait_for("ditto-agent serving", BOOT);
+
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        let mut agent = original.agent().await;
+        let (code, out) = sh(
+            &mut agent,
+            &format!(
+                "setsid {WORKLOAD} run --anon-mib {ANON_MIB} --seed 7 --control {CONTROL} \
+                 --files /data/workload --file-count {FILES} --file-mib {FILE_MIB} \
+                 </dev/null >/dev/null 2>&1 &\n{SETUP}\n\
+                 {WORKLOAD} status --json --wait 600 --control {CONTROL}"
+            ),
+        )
+        .await;
+        assert_eq!(code, 0, "{out}");
+        let control = original.control().await;
+        let ckpts = work.join("checkpoints");
+        std::fs::create_dir_all(&ckpts).expect("mkdir");
+
+        // 1. Read-heavy, undisturbed, every reported page compared with the disk.
+        let (r1, file1, disk1) =
+            ditto(&control, &ckpts, "quiet", Verification::Full, None, None).await;
+        let o1 = r1.omission.clone().expect("report");
+        assert!(
+            agent_degradations(&o1).is_empty(),
+            "the agent's report was used: {:?}",
+            o1.degraded
+        );
+        assert_eq!(o1.pages_mismatched, 0, "a truthful agent matches the disk");
+        assert_eq!(o1.pages_verified, o1.pages_omitted_cache);
+        assert!(
+            r1.pages_disk >= FILE_MIB * 256 / 2,
+            "most of the workload's {FILE_MIB} MiB of files are omitted: {}",
+            r1.pages_disk
+        );
+        let scan_ms = o1.scan_us / 1000;
+        {
+            // A copy of the disk for round 6, before any guest writes to this one.
+            sparse_copy(&disk1, &ckpts.join("quiet-tampered.ext4")).expect("copy");
+            let (vm, _agent) =
+                restore_and_check(work, "quiet", &file1, &disk1, 4, "", "/data /usr /etc").await;
+            drop(vm);
+        }
+
+        // 2. Writes of every kind during the checkpoint.
+        let raw = raw_target(&mut agent).await;
+        let (code, stale) = sh(&mut agent, "sha256sum /data/raw/r1").await;
+        assert_eq!(code, 0);
+        let secs = (scan_ms / 1000 + 20).to_string();
+        detach(
+            &mut agent,
+            "disturb",
+            &DISTURB
+                .replace("SECS", &secs)
+                .replace("RAW", &raw.to_string()),
+        )
+        .await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let (r2, file2, disk2) = ditto(
+            &control,
+            &ckpts,
+            "writes",
+            Verification::DirtyLog,
+            None,
+            None,
+        )
+        .await;
+        let o2 = r2.omission.clone().expect("report");
+        assert!(agent_degradations(&o2).is_empty(), "{:?}", o2.degraded);
+        assert!(
+            o2.rejected_guest_write + o2.rejected_disk_write > 0,
+            "the writes during the checkpoint refused some reported pages: {o2:?}"
+        );
+        {
+            let (vm, mut clone) = restore_and_check(
+                work,
+                "writes",
+                &file2,
+                &disk2,
+                5,
+                "pkill -f disturb.sh; sleep 1",
+                AFTER_RAW,
+            )
+            .await;
+            // The raw write bypassed the guest's page cache: the restored cache keeps the bytes
+            // the guest had, not the disk's.
+            let (code, now) = sh(&mut clone, "sha256sum /data/raw/r1").await;
+            assert_eq!(code, 0);
+            assert_eq!(now, stale, "the restored page cache of r1 is the guest's");
+            drop(vm);
+        }
+        sh(&mut agent, "pkill -f disturb.sh; sleep 1; sync").await;
+
+        // 3. Memory pressure that evicts and reuses frames during the scan.
+        detach(&mut agent, "pressure", &PRESSURE.replace("SECS", &secs)).await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let (r3, file3, disk3) = ditto(
+            &control,
+            &ckpts,
+            "pressure",
+            Verification::DirtyLog,
+            None,
+            None,
+        )
+        .await;
+        assert!(agent_degradations(r3.omission.as_ref().expect("report")).is_empty());
+        {
+            let (vm, _clone) = restore_and_check(
+                work,
+                "pressure",
+                &file3,
+                &disk3,
+                6,
+                "pkill -f pressure.sh; sleep 1",
+                AFTER_RAW,
+            )
+            .await;
+            drop(vm);
+        }
+        sh(&mut agent, "pkill -f pressure.sh; sleep 1").await;
+
+        // 4a. The agent killed during its scan: the page cache is saved, the result says why.
+        let kill_after = (scan_ms / 3).max(50);
+        detach(
+            &mut agent,
+            "killer",
+            &format!("usleep {}; killall -9 ditto-agent", kill_after * 1000),
+        )
+        .await;
+        let (r4, file4, disk4) = ditto(
+            &control,
+            &ckpts,
+            "killed",
+            Verification::DirtyLog,
+            None,
+            None,
+        )
+        .await;
+        let o4 = r4.omission.clone().expect("report");
+        assert_eq!(r4.pages_disk, 0, "nothing is omitted as cache: {o4:?}");
+        assert!(!agent_degradations(&o4).is_empty(), "the result says why");
+        drop(agent);
+        // busybox init starts the agent again a second later.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let mut agent = original.agent().await;
+        {
+            let (vm, _clone) =
+                restore_and_check(work, "killed", &file4, &disk4, 7, "", AFTER_RAW).await;
+            drop(vm);
+        }
+
+        // 4b. A scan that cannot finish in time.
+        let (r4b, _, disk4b) = ditto(
+            &control,
+            &ckpts,
+            "slow",
+            Verification::DirtyLog,
+            None,
+            Some(Duration::from_millis(1)),
+        )
+        .await;
+        let o4b = r4b.omission.clone().expect("report");
+        assert_eq!(r4b.pages_disk, 0, "{o4b:?}");
+        assert!(
+            o4b.degraded.iter().any(|d| d.contains("within")),
+            "a timeout is reported: {:?}",
+            o4b.degraded
+        );
+        let _ = std::fs::remove_file(disk4b);
+
+        // 5. An agent that reports every offset one page off.
+        let (code, out) = sh(
+            &mut agent,
+            &format!(
+                "setsid ditto-agent serve --listen vsock:{LIAR_PORT} --misreport-offsets 4096 \
+                 </dev/null >/dev/null 2>&1 & sleep 2"
+            ),
+        )
+        .await;
+        assert_eq!(code, 0, "{out}");
+        let (r5, file5, disk5) = ditto(
+            &control,
+            &ckpts,
+            "liar-sampled",
+            Verification::Sample(5),
+            Some(LIAR_PORT),
+            None,
+        )
+        .await;
+        let o5 = r5.omission.clone().expect("report");
+        assert_eq!(
+            r5.pages_disk, 0,
+            "a distrusted report omits nothing: {o5:?}"
+        );
+        assert!(
+            o5.pages_mismatched > 0 && o5.rejected_verification > 0,
+            "{o5:?}"
+        );
+        assert!(
+            o5.degraded.iter().any(|d| d.contains("distrusted")),
+            "{:?}",
+            o5.degraded
+        );
+        {
+            let (vm, _clone) =
+                restore_and_check(work, "liar-sampled", &file5, &disk5, 8, "", AFTER_RAW).await;
+            drop(vm);
+        }
+        let (r5b, file5b, disk5b) = ditto(
+            &control,
+            &ckpts,
+            "liar-unverified",
+            Verification::DirtyLog,
+            Some(LIAR_PORT),
+            None,
+        )
+        .await;
+        assert!(r5b.pages_disk > 0, "unverified, the lie is taken: {r5b:?}");
+        refused(work, "liar-unverified", &file5b, &disk5b, 9);
+
+        // 6. The drive copy of round 1 changed behind ditto's back.
+        let tampered = ckpts.join("quiet-tampered.ext4");
+        {
+            use std::os::unix::fs::FileExt as _;
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(&tampered)
+                .expect("open the copy");
+            // r1's pages were clean, cached and reported in round 1.
+            f.write_all_at(&[0x5a; 4096], raw).expect("tamper");
+        }
+        refused(work, "tampered", &file1, &tampered, 10);
+        drop(agent);
+    });
+    drop(original);
+}
+
+/// A restore of `file` on `disk` must fail before any guest runs, naming the hash check.
+fn refused(work: &Path, name: &str, file: &Path, disk: &Path, cid: u32) {
+    let dir = work.join(name);
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    let t = Instant::now();
+    let mut vm = TestVm::restore(file, &dir, Some(disk), cid);
+    let status = vm.process.wait_exit(Duration::from_secs(300));
+    assert!(!status.success(), "{name}: the restore must refuse");
+    let stderr = vm.process.stderr_text();
+    assert!(stderr.contains("does not match drive"), "{name}: {stderr}");
+    assert!(
+        vm.process.console_text().is_empty(),
+        "{name}: no guest ran: {}",
+        vm.process.console_text()
+    );
+    println!(
+        "{name}: refused after {} ms: {}",
+        t.elapsed().as_millis(),
+        stderr.trim()
+    );
+}
