@@ -83,7 +83,8 @@ fn coherence_check(dirs: &str) -> String {
         "sync; find {dirs} -type f | sort | xargs sha256sum > /tmp/cached; \
          echo 3 > /proc/sys/vm/drop_caches; \
          find {dirs} -type f | sort | xargs sha256sum > /tmp/ondisk; \
-         cmp /tmp/cached /tmp/ondisk && wc -l < /tmp/cached"
+         if cmp -s /tmp/cached /tmp/ondisk; then wc -l < /tmp/cached; \
+         else diff /tmp/cached /tmp/ondisk; exit 1; fi"
     )
 }
 
@@ -212,13 +213,23 @@ async fn raw_target(agent: &mut AgentClient<Channel>) -> u64 {
         .unwrap_or_else(|| panic!("no cached page of r1: {report}"))
 }
 
-/// Runs `script` detached in the guest (its own session, output discarded).
+/// Stops a script [`detach`] started, with every process it started (its process group), and
+/// waits until they are gone.
+fn stop(name: &str) -> String {
+    format!(
+        "kill -9 -- -$(cat /root/{name}.pid) 2>/dev/null; \
+         while kill -0 -- -$(cat /root/{name}.pid) 2>/dev/null; do usleep 100000; done"
+    )
+}
+
+/// Runs `script` detached in the guest (its own session and process group, output
+/// discarded); [`stop`] ends it.
 async fn detach(agent: &mut AgentClient<Channel>, name: &str, script: &str) {
     let (code, out) = sh(
         agent,
         &format!(
             "cat > /root/{name}.sh <<'SCRIPT'\n{script}\nSCRIPT\n\
-             setsid sh /root/{name}.sh </dev/null >/dev/null 2>&1 &"
+             setsid sh /root/{name}.sh </dev/null >/dev/null 2>&1 & echo $! > /root/{name}.pid"
         ),
     )
     .await;
@@ -320,7 +331,7 @@ fn ditto_checkpoints_never_restore_wrong_memory() {
                 &file2,
                 &disk2,
                 5,
-                "pkill -f disturb.sh; sleep 1",
+                &stop("disturb"),
                 AFTER_RAW,
             )
             .await;
@@ -331,7 +342,7 @@ fn ditto_checkpoints_never_restore_wrong_memory() {
             assert_eq!(now, stale, "the restored page cache of r1 is the guest's");
             drop(vm);
         }
-        sh(&mut agent, "pkill -f disturb.sh; sleep 1; sync").await;
+        sh(&mut agent, &stop("disturb")).await;
 
         // 3. Memory pressure that evicts and reuses frames during the scan.
         detach(&mut agent, "pressure", &PRESSURE.replace("SECS", &secs)).await;
@@ -353,13 +364,13 @@ fn ditto_checkpoints_never_restore_wrong_memory() {
                 &file3,
                 &disk3,
                 6,
-                "pkill -f pressure.sh; sleep 1",
+                &stop("pressure"),
                 AFTER_RAW,
             )
             .await;
             drop(vm);
         }
-        sh(&mut agent, "pkill -f pressure.sh; sleep 1").await;
+        sh(&mut agent, &stop("pressure")).await;
 
         // 4a. The agent killed during its scan: the page cache is saved, the result says why.
         let kill_after = (scan_ms / 3).max(50);

@@ -59,4 +59,4 @@ pub use error::{ReadError, WriteError};
 pub use format::DriveInfo;
 pub use page_map::{PageHash, PageMap, Run, RunKind};
 pub use reader::CheckpointReader;
-pub use writer::{CheckpointWriter, PageClass, PageExtent, WriteOptions, WriteStats};
+pub use writer::{CheckpointWriter, PageClass, PageExtent, PageHashes, WriteOptions, WriteStats};

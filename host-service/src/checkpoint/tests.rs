@@ -813,6 +813,44 @@ fn bad_extents_are_refused_and_leave_no_file() {
 }
 
 #[test]
+fn hashes_taken_ahead_are_recorded_instead_of_hashing_again() {
+    let f = fixture(83);
+    let path = f.dir.path().join("vm.ckpt");
+    let extent = PageExtent {
+        first_frame: 0,
+        pages: 3,
+        class: PageClass::Disk {
+            drive: 0,
+            offset: 0,
+        },
+    };
+    let ahead: PageHash = [7; 32];
+    let hashes: PageHashes = [(1, ahead)].into_iter().collect();
+    let mut w = CheckpointWriter::create(&path, options(None, 1)).expect("create");
+    w.write_memory_hashed(&f.memory, &f.drives, &[extent], &hashes)
+        .expect("write");
+    w.finish(b"").expect("finish");
+    let runs = CheckpointReader::open(&path).expect("open").disk_refs();
+    let mut page = vec![0u8; PAGE as usize];
+    let mut want = Vec::new();
+    for gfn in 0..3 {
+        f.memory
+            .read_slice(&mut page, GuestAddress(gfn * PAGE))
+            .expect("read");
+        want.push(if gfn == 1 {
+            ahead
+        } else {
+            Sha256::digest(&page).into()
+        });
+    }
+    assert_eq!(runs.len(), 1);
+    assert_eq!(
+        runs[0].hashes, want,
+        "frame 1 carries the hash given, the others their own"
+    );
+}
+
+#[test]
 fn writer_steps_out_of_order_and_bad_options() {
     let f = fixture(91);
     let path = f.dir.path().join("vm.ckpt");

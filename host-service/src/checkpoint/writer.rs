@@ -29,7 +29,7 @@ use super::format::{
     MAX_STATE_LEN, PAGE_SIZE, SectionEntry, TRAILER_LEN, Trailer, check_drives, check_layout,
     checksum, encode_layout,
 };
-use super::page_map::{PageMap, PageMapBuilder, RunKind};
+use super::page_map::{PageHash, PageMap, PageMapBuilder, RunKind};
 
 /// Size of the buffer between the chunk writer and the file.
 const WRITE_BUFFER: usize = 8 << 20;
@@ -88,6 +88,9 @@ pub struct PageExtent {
     /// What they are.
     pub class: PageClass,
 }
+
+/// SHA-256 hashes of pages by guest frame number, computed ahead of the write.
+pub type PageHashes = std::collections::HashMap<u64, PageHash>;
 
 /// What a finished checkpoint holds and what writing it cost.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -187,6 +190,20 @@ impl CheckpointWriter {
         drives: &[DriveInfo],
         extents: &[PageExtent],
     ) -> Result<(), WriteError> {
+        self.write_memory_hashed(memory, drives, extents, &PageHashes::new())
+    }
+
+    /// [`write_memory`](Self::write_memory), taking the SHA-256 of a disk-referenced page from
+    /// `hashes` (by guest frame) when it is there instead of hashing the page now. The caller
+    /// vouches that each such hash is of the page's bytes as they are: a VMM hashes pages while
+    /// the guest still runs and hands on only those its dirty log shows unwritten since.
+    pub fn write_memory_hashed(
+        &mut self,
+        memory: &GuestMemory,
+        drives: &[DriveInfo],
+        extents: &[PageExtent],
+        hashes: &PageHashes,
+    ) -> Result<(), WriteError> {
         if self.memory.is_some() {
             return Err(WriteError::Sequence("guest memory was already written"));
         }
@@ -227,6 +244,7 @@ impl CheckpointWriter {
                 builder: PageMapBuilder::default(),
                 stats: WriteStats::default(),
                 seq: 0,
+                hashes,
             };
             let walked = walker.walk(&layout, &extents);
             let mut worker_error = None;
@@ -434,6 +452,7 @@ struct Walker<'m> {
     builder: PageMapBuilder,
     stats: WriteStats,
     seq: u64,
+    hashes: &'m PageHashes,
 }
 
 /// The walk stopped because the writing side is gone; its own error says why.
@@ -532,13 +551,29 @@ impl Walker<'_> {
         let mut done = 0;
         while done < pages {
             let n = (pages - done).min(HASH_BATCH_PAGES);
+            let first = frame + done;
+            let known: Option<Vec<PageHash>> = (first..first + n)
+                .map(|gfn| self.hashes.get(&gfn).copied())
+                .collect();
+            if let Some(known) = known {
+                // Hashed ahead: the pages need not be read again.
+                for hash in known {
+                    self.builder.push_hash(hash);
+                }
+                done += n;
+                continue;
+            }
             let buf = &mut scratch[..n as usize * PAGE];
-            let guest_addr = (frame + done) * PAGE_SIZE;
+            let guest_addr = first * PAGE_SIZE;
             self.memory
                 .read_slice(buf, GuestAddress(guest_addr))
                 .map_err(|source| WriteError::Memory { guest_addr, source })?;
-            for page in buf.chunks_exact(PAGE) {
-                self.builder.push_hash(Sha256::digest(page).into());
+            for (i, page) in buf.chunks_exact(PAGE).enumerate() {
+                let hash = match self.hashes.get(&(first + i as u64)) {
+                    Some(h) => *h,
+                    None => Sha256::digest(page).into(),
+                };
+                self.builder.push_hash(hash);
             }
             done += n;
         }

@@ -31,11 +31,10 @@ pub struct Drive {
 pub struct Facts<'a> {
     /// Guest RAM.
     pub layout: &'a MemoryLayout,
-    /// The drives, in the checkpoint's drive-table order.
-    pub drives: &'a [Drive],
     /// Guest memory written since tracking was armed.
     pub written: &'a WrittenPages,
-    /// Per drive: the sectors written since then, sorted and coalesced.
+    /// Per drive (in the checkpoint's drive-table order): the sectors written since then,
+    /// sorted and coalesced.
     pub disk_written: &'a [Vec<SectorRange>],
 }
 
@@ -48,33 +47,152 @@ pub struct FreeRange {
     pub pages: u64,
 }
 
-/// A reported run that passed validation and the write checks.
+/// A run of reported pages that passed validation: guest frames `gfn..gfn + pages` claimed to
+/// hold the bytes of drive `drive` from byte `offset` on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct CacheRun {
-    gfn: u64,
-    pages: u64,
-    drive: usize,
-    offset: u64,
+pub struct CacheRun {
+    /// First guest frame.
+    pub gfn: u64,
+    /// Number of pages.
+    pub pages: u64,
+    /// Index of the drive in the checkpoint's drive table.
+    pub drive: usize,
+    /// Byte offset of the first page on the drive.
+    pub offset: u64,
 }
 
-/// Decides every claimed page (see the module documentation). `agent` is the page-cache
-/// report (`None`: none asked for, or none usable), `free` the balloon's hints; `source`
-/// compares memory with the drives for `policy`. Counts go into `report`; the result lists the
-/// omitted runs for the checkpoint writer, sorted, never overlapping.
-pub fn decide(
-    facts: &Facts<'_>,
-    agent: Option<&AgentReport>,
-    free: &[FreeRange],
+/// What comparing the candidates with the disk found, while the guest still ran. A page that
+/// differed only counts against the report if nothing wrote it or its block since tracking
+/// was armed (a page the guest was changing may differ for that reason alone; it is saved
+/// anyway).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum Comparison {
+    /// The policy compares nothing.
+    #[default]
+    NotAsked,
+    /// The frames whose bytes differed from the disk, sorted.
+    Done(Vec<u64>),
+    /// A comparison could not be made: the report is distrusted.
+    Failed(String),
+}
+
+/// While the guest runs: the reported extents that pass validation (see the module
+/// documentation), as sorted runs that never overlap. Refusals are counted in `report`.
+pub fn validate_report(
+    layout: &MemoryLayout,
+    drives: &[Drive],
+    agent: &AgentReport,
+    report: &mut OmissionReport,
+) -> Vec<CacheRun> {
+    report.pages_reported_cache = agent.extents.iter().map(|e| e.pages).sum();
+    let mut valid: Vec<(ClaimedExtent, usize)> = Vec::with_capacity(agent.extents.len());
+    let mut first_problem = None;
+    for e in &agent.extents {
+        match validate(layout, drives, agent, e) {
+            Ok(drive) => valid.push((*e, drive)),
+            Err(why) => {
+                report.rejected_validation += e.pages;
+                first_problem.get_or_insert(why);
+            }
+        }
+    }
+    // Frames claimed by two extents: at most one claim is right, so neither is used.
+    valid.sort_by_key(|(e, _)| e.pfn);
+    let mut overlapping = vec![false; valid.len()];
+    let mut reach: Option<(usize, u64)> = None;
+    for (i, (e, _)) in valid.iter().enumerate() {
+        if let Some((j, end)) = reach
+            && e.pfn < end
+        {
+            overlapping[i] = true;
+            overlapping[j] = true;
+        }
+        let end = e.pfn + e.pages;
+        if reach.is_none_or(|(_, r)| end > r) {
+            reach = Some((i, end));
+        }
+    }
+    let overlaps = overlapping.iter().filter(|&&o| o).count();
+    if overlaps > 0 {
+        first_problem.get_or_insert(format!("{overlaps} extents claim frames another claims"));
+    }
+    let mut runs = Vec::with_capacity(valid.len());
+    for ((e, drive), overlaps) in valid.iter().zip(overlapping) {
+        if overlaps {
+            report.rejected_validation += e.pages;
+        } else {
+            runs.push(CacheRun {
+                gfn: e.pfn,
+                pages: e.pages,
+                drive: *drive,
+                offset: e.offset,
+            });
+        }
+    }
+    if let Some(why) = first_problem {
+        report.degrade(format!(
+            "{} reported pages failed validation (first: {why})",
+            report.rejected_validation
+        ));
+    }
+    runs
+}
+
+/// While the guest runs: compares the candidates' bytes with the disk as `policy` says
+/// (every page, a random share, or none). `report` counts the pages compared.
+pub fn compare(
+    runs: &[CacheRun],
     policy: Verification,
     source: &mut dyn PageSource,
     report: &mut OmissionReport,
+) -> Comparison {
+    let sampler = match policy {
+        Verification::DirtyLog => return Comparison::NotAsked,
+        Verification::Full => None,
+        Verification::Sample(percent) => Some(Sampler::random(percent)),
+    };
+    let mut differing = Vec::new();
+    let mut index = 0u64;
+    for r in runs {
+        let pages: Vec<u64> = match sampler {
+            None => (0..r.pages).collect(),
+            Some(s) => (0..r.pages).filter(|i| s.chooses(index + i)).collect(),
+        };
+        index += r.pages;
+        for i in pages {
+            report.pages_verified += 1;
+            match source.mismatches(r.gfn + i, r.drive, r.offset + i * PAGE_SIZE, 1) {
+                Ok(0) => {}
+                Ok(_) => differing.push(r.gfn + i),
+                Err(e) => {
+                    return Comparison::Failed(format!(
+                        "verification could not read drive {} at byte {}: {e}",
+                        r.drive,
+                        r.offset + i * PAGE_SIZE
+                    ));
+                }
+            }
+        }
+    }
+    differing.sort_unstable();
+    Comparison::Done(differing)
+}
+
+/// At the pause: decides every claimed page (see the module documentation). `runs` are the
+/// validated candidates, `comparison` what comparing them found, `free` the balloon's hints.
+/// Counts go into `report`; the result lists the omitted runs for the checkpoint writer,
+/// sorted, never overlapping.
+pub fn decide(
+    facts: &Facts<'_>,
+    runs: &[CacheRun],
+    comparison: &Comparison,
+    free: &[FreeRange],
+    policy: Verification,
+    report: &mut OmissionReport,
 ) -> Vec<PageExtent> {
     let free_runs = free_pages(facts, free, report);
-    let mut cache_runs = match agent {
-        Some(agent) => cache_pages(facts, agent, &free_runs, report),
-        None => Vec::new(),
-    };
-    if !cache_runs.is_empty() && !verified(&cache_runs, policy, source, report) {
+    let mut cache_runs = cache_pages(facts, runs, &free_runs, report);
+    if !cache_runs.is_empty() && !trusted(&cache_runs, comparison, policy, report) {
         report.rejected_verification += cache_runs.iter().map(|r| r.pages).sum::<u64>();
         cache_runs.clear();
     }
@@ -191,19 +309,23 @@ fn disk_written(ranges: &[SectorRange], first: u64, end: u64) -> bool {
 }
 
 /// Validation of one claimed extent: the drive it names, or why it is refused.
-fn validate(facts: &Facts<'_>, agent: &AgentReport, e: &ClaimedExtent) -> Result<usize, String> {
+fn validate(
+    layout: &MemoryLayout,
+    drives: &[Drive],
+    agent: &AgentReport,
+    e: &ClaimedExtent,
+) -> Result<usize, String> {
     if e.pages == 0 {
         return Err("an extent of no pages".into());
     }
-    if !ram_holds(facts.layout, e.pfn, e.pages) {
+    if !ram_holds(layout, e.pfn, e.pages) {
         return Err(format!("frames {:#x}+{} are not guest RAM", e.pfn, e.pages));
     }
     let id = agent
         .disks
         .get(e.disk as usize)
         .ok_or_else(|| format!("disk index {} is not in the disk table", e.disk))?;
-    let drive = facts
-        .drives
+    let drive = drives
         .iter()
         .position(|d| d.id == *id)
         .ok_or_else(|| format!("disk {id:?} is not a drive of this VM"))?;
@@ -214,7 +336,7 @@ fn validate(facts: &Facts<'_>, agent: &AgentReport, e: &ClaimedExtent) -> Result
         .pages
         .checked_mul(PAGE_SIZE)
         .and_then(|len| e.offset.checked_add(len));
-    if end.is_none_or(|end| end > facts.drives[drive].size) {
+    if end.is_none_or(|end| end > drives[drive].size) {
         return Err(format!(
             "{} pages at byte {} run past the end of drive {id:?}",
             e.pages, e.offset
@@ -223,69 +345,21 @@ fn validate(facts: &Facts<'_>, agent: &AgentReport, e: &ClaimedExtent) -> Result
     Ok(drive)
 }
 
-/// The reported pages that pass validation and the write checks and are not free, as runs.
+/// The candidate pages that pass the write checks and are not free, as runs.
 fn cache_pages(
     facts: &Facts<'_>,
-    agent: &AgentReport,
+    candidates: &[CacheRun],
     free: &[(u64, u64)],
     report: &mut OmissionReport,
 ) -> Vec<CacheRun> {
-    report.pages_reported_cache = agent.extents.iter().map(|e| e.pages).sum();
-    let mut valid: Vec<(ClaimedExtent, usize)> = Vec::with_capacity(agent.extents.len());
-    let mut first_problem = None;
-    for e in &agent.extents {
-        match validate(facts, agent, e) {
-            Ok(drive) => valid.push((*e, drive)),
-            Err(why) => {
-                report.rejected_validation += e.pages;
-                first_problem.get_or_insert(why);
-            }
-        }
-    }
-    // Frames claimed by two extents: at most one claim is right, so neither is used.
-    valid.sort_by_key(|(e, _)| e.pfn);
-    let mut overlapping = vec![false; valid.len()];
-    let mut reach: Option<(usize, u64)> = None;
-    for (i, (e, _)) in valid.iter().enumerate() {
-        if let Some((j, end)) = reach
-            && e.pfn < end
-        {
-            overlapping[i] = true;
-            overlapping[j] = true;
-        }
-        let end = e.pfn + e.pages;
-        if reach.is_none_or(|(_, r)| end > r) {
-            reach = Some((i, end));
-        }
-    }
-    let overlaps = overlapping.iter().filter(|&&o| o).count();
-    if overlaps > 0 {
-        first_problem.get_or_insert(format!("{overlaps} extents claim frames another claims"));
-    }
-    if let Some(why) = first_problem {
-        report.degrade(format!(
-            "{} reported pages failed validation (first: {why})",
-            report.rejected_validation
-                + valid
-                    .iter()
-                    .zip(&overlapping)
-                    .filter(|(_, o)| **o)
-                    .map(|((e, _), _)| e.pages)
-                    .sum::<u64>()
-        ));
-    }
-
     let mut runs = Vec::new();
-    for ((e, drive), overlaps) in valid.iter().zip(overlapping) {
-        if overlaps {
-            report.rejected_validation += e.pages;
-            continue;
-        }
-        let written = &facts.disk_written[*drive];
+    for c in candidates {
+        let no_writes = Vec::new();
+        let written = facts.disk_written.get(c.drive).unwrap_or(&no_writes);
         let mut run: Option<CacheRun> = None;
-        for i in 0..e.pages {
-            let gfn = e.pfn + i;
-            let offset = e.offset + i * PAGE_SIZE;
+        for i in 0..c.pages {
+            let gfn = c.gfn + i;
+            let offset = c.offset + i * PAGE_SIZE;
             let refused = if in_runs(free, gfn) {
                 // Stored as free already: neither omitted as cache nor refused.
                 true
@@ -306,7 +380,7 @@ fn cache_pages(
                 run = Some(CacheRun {
                     gfn,
                     pages: 1,
-                    drive: *drive,
+                    drive: c.drive,
                     offset,
                 });
             }
@@ -316,55 +390,31 @@ fn cache_pages(
     runs
 }
 
-/// Applies the verification policy; false when the report is to be distrusted.
-fn verified(
+/// Applies the comparison to the pages left after the write checks; false when the report
+/// is to be distrusted.
+fn trusted(
     runs: &[CacheRun],
+    comparison: &Comparison,
     policy: Verification,
-    source: &mut dyn PageSource,
     report: &mut OmissionReport,
 ) -> bool {
-    let sampler = match policy {
-        Verification::DirtyLog => return true,
-        Verification::Full => None,
-        Verification::Sample(percent) => Some(Sampler::random(percent)),
-    };
-    let mut index = 0u64;
-    for r in runs {
-        let compared = match sampler {
-            None => {
-                report.pages_verified += r.pages;
-                source.mismatches(r.gfn, r.drive, r.offset, r.pages)
-            }
-            Some(s) => {
-                let mut differing = Ok(0);
-                for i in 0..r.pages {
-                    if s.chooses(index + i) {
-                        report.pages_verified += 1;
-                        differing = source
-                            .mismatches(r.gfn + i, r.drive, r.offset + i * PAGE_SIZE, 1)
-                            .map(|n| n + differing.as_ref().map_or(0, |d| *d));
-                        if differing.is_err() {
-                            break;
-                        }
-                    }
-                }
-                differing
-            }
-        };
-        index += r.pages;
-        match compared {
-            Ok(0) => {}
-            Ok(n) => report.pages_mismatched += n,
-            Err(e) => {
-                report.degrade(format!(
-                    "verification could not read drive {} at byte {}: {e}; the agent's report \
-                     was distrusted and every page it named saved",
-                    r.drive, r.offset
-                ));
-                return false;
-            }
+    let differing = match comparison {
+        Comparison::NotAsked => return true,
+        Comparison::Failed(why) => {
+            report.degrade(format!(
+                "{why}; the agent's report was distrusted and every page it named saved"
+            ));
+            return false;
         }
-    }
+        Comparison::Done(differing) => differing,
+    };
+    report.pages_mismatched = differing
+        .iter()
+        .filter(|&&gfn| {
+            let i = runs.partition_point(|r| r.gfn + r.pages <= gfn);
+            runs.get(i).is_some_and(|r| r.gfn <= gfn)
+        })
+        .count() as u64;
     if report.pages_mismatched > 0 {
         report.degrade(format!(
             "verification ({policy}) found {} of {} compared pages differing from the disk; the \
@@ -420,11 +470,27 @@ mod tests {
         fn facts(&self) -> Facts<'_> {
             Facts {
                 layout: &self.layout,
-                drives: &self.drives,
                 written: &self.written,
                 disk_written: &self.disk_written,
             }
         }
+    }
+
+    /// The three steps of a checkpoint: validation and comparison while the guest runs, the
+    /// decision at the pause.
+    fn run(
+        env: &Env,
+        agent: Option<&AgentReport>,
+        free: &[FreeRange],
+        policy: Verification,
+        source: &mut dyn PageSource,
+        report: &mut OmissionReport,
+    ) -> Vec<PageExtent> {
+        let runs = agent.map_or_else(Vec::new, |a| {
+            validate_report(&env.layout, &env.drives, a, report)
+        });
+        let comparison = compare(&runs, policy, source, report);
+        decide(&env.facts(), &runs, &comparison, free, policy, report)
     }
 
     fn mark(bitmap: &mut DirtyBitmap, gfn: u64) {
@@ -483,8 +549,8 @@ mod tests {
     fn clean_reported_pages_become_drive_references() {
         let env = Env::new();
         let mut report = OmissionReport::default();
-        let out = decide(
-            &env.facts(),
+        let out = run(
+            &env,
             Some(&agent(&[(10, 4, 1, 8192), (100, 2, 0, 0)])),
             &[],
             Verification::DirtyLog,
@@ -502,8 +568,8 @@ mod tests {
     fn every_invalid_extent_is_refused_and_counted() {
         let env = Env::new();
         let mut report = OmissionReport::default();
-        let out = decide(
-            &env.facts(),
+        let out = run(
+            &env,
             Some(&agent(&[
                 (RAM_PAGES - 1, 2, 1, 0),   // past guest RAM
                 (u64::MAX, 2, 1, 0),        // overflowing frames
@@ -534,8 +600,8 @@ mod tests {
     fn frames_claimed_twice_are_never_omitted() {
         let env = Env::new();
         let mut report = OmissionReport::default();
-        let out = decide(
-            &env.facts(),
+        let out = run(
+            &env,
             Some(&agent(&[
                 (10, 10, 1, 0),
                 (15, 1, 1, 1 << 16),
@@ -563,8 +629,8 @@ mod tests {
             count: 2,
         }];
         let mut report = OmissionReport::default();
-        let out = decide(
-            &env.facts(),
+        let out = run(
+            &env,
             Some(&agent(&[(10, 6, 1, 0)])),
             &[],
             Verification::DirtyLog,
@@ -585,8 +651,8 @@ mod tests {
         let mut env = Env::new();
         mark(&mut env.written.guest, 101);
         let mut report = OmissionReport::default();
-        let out = decide(
-            &env.facts(),
+        let out = run(
+            &env,
             Some(&agent(&[(104, 4, 1, 0)])),
             &[
                 FreeRange {
@@ -623,12 +689,30 @@ mod tests {
     }
 
     #[test]
+    fn a_page_that_differed_because_it_was_written_does_not_distrust_the_report() {
+        let mut env = Env::new();
+        mark(&mut env.written.guest, 12);
+        let mut report = OmissionReport::default();
+        let out = run(
+            &env,
+            Some(&agent(&[(10, 4, 1, 0)])),
+            &[],
+            Verification::Full,
+            &mut Differing(vec![12], 0),
+            &mut report,
+        );
+        assert_eq!(out, vec![disk(10, 2, 0, 0), disk(13, 1, 0, 3 * PAGE_SIZE)]);
+        assert_eq!((report.pages_verified, report.pages_mismatched), (4, 0));
+        assert!(report.degraded.is_empty());
+    }
+
+    #[test]
     fn one_mismatch_distrusts_the_whole_report() {
         let env = Env::new();
         let report_of = |policy, source: &mut dyn PageSource| {
             let mut report = OmissionReport::default();
-            let out = decide(
-                &env.facts(),
+            let out = run(
+                &env,
                 Some(&agent(&[(10, 100, 1, 0), (300, 100, 1, 1 << 19)])),
                 &[FreeRange {
                     first: 500,

@@ -1,11 +1,15 @@
-//! Content verification: comparing reported pages with the bytes on the disk, for every page
-//! or for a random share of them ([`super::Verification`]).
+//! Page contents: comparing reported pages with the bytes on the disk, for every page or for
+//! a random share of them ([`super::Verification`]), and hashing them ahead of the pause.
 
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt as _;
 
+use sha2::{Digest, Sha256};
 use vm_memory::{Bytes as _, GuestAddress};
+
+use super::decide::CacheRun;
+use crate::checkpoint::PageHashes;
 
 use crate::kvm::PAGE_SIZE;
 use crate::kvm::memory::GuestMemory;
@@ -69,6 +73,66 @@ impl PageSource for MemoryAndDrives<'_> {
         }
         Ok(differing)
     }
+}
+
+/// The SHA-256 of every page of `runs`, read from `memory` on up to `threads` threads. Taken
+/// while the guest runs: a page written meanwhile gets a useless hash, but the dirty log shows
+/// it written and it is saved instead of referenced, so only hashes of unchanged pages are
+/// ever used. Pages that cannot be read are left out (the writer hashes them itself).
+pub fn page_hashes(memory: &GuestMemory, runs: &[CacheRun], threads: usize) -> PageHashes {
+    let total: u64 = runs.iter().map(|r| r.pages).sum();
+    let per_thread = total.div_ceil(threads.max(1) as u64).max(1);
+    // Contiguous slices of the runs, each about `per_thread` pages.
+    let mut slices: Vec<&[CacheRun]> = Vec::new();
+    let (mut start, mut pages) = (0, 0);
+    for (i, r) in runs.iter().enumerate() {
+        pages += r.pages;
+        if pages >= per_thread {
+            slices.push(&runs[start..=i]);
+            (start, pages) = (i + 1, 0);
+        }
+    }
+    if start < runs.len() {
+        slices.push(&runs[start..]);
+    }
+    let parts: Vec<PageHashes> = std::thread::scope(|s| {
+        let workers: Vec<_> = slices
+            .into_iter()
+            .map(|slice| s.spawn(move || hash_runs(memory, slice)))
+            .collect();
+        workers
+            .into_iter()
+            .map(|w| w.join().unwrap_or_default())
+            .collect()
+    });
+    let mut all = PageHashes::with_capacity(usize::try_from(total).unwrap_or(0));
+    for part in parts {
+        all.extend(part);
+    }
+    all
+}
+
+fn hash_runs(memory: &GuestMemory, runs: &[CacheRun]) -> PageHashes {
+    let mut out = PageHashes::new();
+    let mut buf = vec![0u8; BATCH_PAGES as usize * PAGE_SIZE as usize];
+    for r in runs {
+        let mut done = 0;
+        while done < r.pages {
+            let n = (r.pages - done).min(BATCH_PAGES);
+            let bytes = &mut buf[..n as usize * PAGE_SIZE as usize];
+            let first = r.gfn + done;
+            if memory
+                .read_slice(bytes, GuestAddress(first * PAGE_SIZE))
+                .is_ok()
+            {
+                for (i, page) in bytes.chunks_exact(PAGE_SIZE as usize).enumerate() {
+                    out.insert(first + i as u64, Sha256::digest(page).into());
+                }
+            }
+            done += n;
+        }
+    }
+    out
 }
 
 /// A reproducible random choice of pages: page `index` is chosen with probability
@@ -149,5 +213,35 @@ mod tests {
             "past the drive's end"
         );
         assert!(source.mismatches(4, 1, 0, 1).is_err(), "no such drive");
+    }
+
+    #[test]
+    fn pages_are_hashed_ahead_on_several_threads() {
+        let memory = MemoryLayout::single(64 * PAGE_SIZE).create().unwrap();
+        for gfn in 0..64u64 {
+            memory
+                .write_slice(&[gfn as u8 + 1; 4096], GuestAddress(gfn * PAGE_SIZE))
+                .unwrap();
+        }
+        let run = |gfn, pages| CacheRun {
+            gfn,
+            pages,
+            drive: 0,
+            offset: 0,
+        };
+        let runs = [run(1, 3), run(10, 20), run(40, 1), run(63, 1)];
+        for threads in [1, 2, 7] {
+            let hashes = page_hashes(&memory, &runs, threads);
+            assert_eq!(hashes.len(), 25, "{threads} threads");
+            for gfn in [1, 3, 10, 29, 40, 63] {
+                let want: crate::checkpoint::PageHash =
+                    Sha256::digest([gfn as u8 + 1; 4096]).into();
+                assert_eq!(hashes[&gfn], want, "frame {gfn}");
+            }
+            assert!(!hashes.contains_key(&4) && !hashes.contains_key(&30));
+        }
+        assert!(page_hashes(&memory, &[], 2).is_empty());
+        // Frames outside memory are left out, not failed.
+        assert!(page_hashes(&memory, &[run(100, 2)], 2).is_empty());
     }
 }

@@ -10,21 +10,27 @@ use std::time::{Duration, Instant};
 use super::Vmm;
 use super::snapshot::CheckpointOptions;
 use crate::checkpoint::PageExtent;
+use crate::checkpoint::PageHashes;
 use crate::kvm::PAGE_SIZE;
 use crate::kvm::memory::MemoryLayout;
-use crate::omission::decide::{self, Drive, Facts, FreeRange};
+use crate::omission::decide::{self, CacheRun, Comparison, Drive, Facts, FreeRange};
 use crate::omission::report::{self, AgentReport};
-use crate::omission::verify::MemoryAndDrives;
+use crate::omission::verify::{MemoryAndDrives, page_hashes};
 use crate::omission::{OmissionReport, Verification, micros};
 
 /// How long the agent's scan and the free-page round may take when the caller does not say.
 pub const DEFAULT_SCAN_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// What the guest claimed before the pause.
+/// What the guest claimed before the pause, and what the VMM made of it while the guest ran.
 #[derive(Debug, Default)]
 pub struct Claims {
-    /// The agent's page-cache report, when one came and was well formed.
-    pub agent: Option<AgentReport>,
+    /// The agent's reported extents that passed validation.
+    pub cache: Vec<CacheRun>,
+    /// What comparing them with the disk found.
+    pub comparison: Comparison,
+    /// Their pages' SHA-256, taken while the guest ran (used for those still unwritten at the
+    /// pause).
+    pub hashes: PageHashes,
     /// The balloon's free-page hints.
     pub free: Vec<FreeRange>,
 }
@@ -64,8 +70,12 @@ impl Vmm {
         let mut claims = Claims::default();
         if mode.omits_cache() {
             let started = Instant::now();
-            claims.agent = self.agent_report(options.agent_port, timeout, report);
-            report.scan_us = micros(started.elapsed());
+            if let Some(agent) = self.agent_report(options.agent_port, timeout, report) {
+                report.scan_us = micros(started.elapsed());
+                self.examine(&agent, options.verification, &mut claims, report);
+            } else {
+                report.scan_us = micros(started.elapsed());
+            }
         }
         if mode.omits_free() {
             let started = Instant::now();
@@ -110,6 +120,68 @@ impl Vmm {
         Vec::new()
     }
 
+    /// While the guest runs: validates the agent's extents, compares them with the drives as
+    /// `policy` says, and hashes their pages, so the pause has only the write checks left.
+    fn examine(
+        &self,
+        agent: &AgentReport,
+        policy: Verification,
+        claims: &mut Claims,
+        report: &mut OmissionReport,
+    ) {
+        let t = Instant::now();
+        let layout = MemoryLayout::of(self.vm.memory());
+        claims.cache = decide::validate_report(&layout, &self.drives(), agent, report);
+        let files = if policy == Verification::DirtyLog {
+            Vec::new()
+        } else {
+            self.drive_files()
+        };
+        let mut source = MemoryAndDrives::new(self.vm.memory(), &files);
+        claims.comparison = decide::compare(&claims.cache, policy, &mut source, report);
+        let compared = t.elapsed();
+        claims.hashes = page_hashes(self.vm.memory(), &claims.cache, hash_threads());
+        tracing::debug!(?compared, hashed = ?t.elapsed() - compared, pages = claims.hashes.len(),
+            "reported pages examined while the guest runs");
+    }
+
+    /// The drives as the decision knows them, in drive-table order.
+    fn drives(&self) -> Vec<Drive> {
+        self.devices
+            .blocks
+            .iter()
+            .map(|b| {
+                let t = lock(b);
+                Drive {
+                    id: t.device().config().id.clone(),
+                    size: t.device().nsectors() * 512,
+                }
+            })
+            .collect()
+    }
+
+    /// Each drive image opened for reading; empty when one cannot be opened (every comparison
+    /// then fails, which distrusts the report).
+    fn drive_files(&self) -> Vec<File> {
+        let files: Vec<File> = self
+            .config
+            .drives
+            .iter()
+            .filter_map(|d| match File::open(&d.path) {
+                Ok(f) => Some(f),
+                Err(e) => {
+                    tracing::warn!(drive = %d.id, error = %e, "cannot open for verification");
+                    None
+                }
+            })
+            .collect();
+        if files.len() == self.config.drives.len() {
+            files
+        } else {
+            Vec::new()
+        }
+    }
+
     /// Lets the guest's balloon driver give back the blocks it holds for a free-page round.
     pub(super) fn end_free_hinting(&self) {}
 
@@ -130,56 +202,32 @@ impl Vmm {
                 return Vec::new();
             }
         };
-        let mut drives = Vec::with_capacity(self.devices.blocks.len());
-        let mut disk_written = Vec::with_capacity(self.devices.blocks.len());
-        for block in &self.devices.blocks {
-            let mut t = lock(block);
-            let device = t.device_mut();
-            drives.push(Drive {
-                id: device.config().id.clone(),
-                size: device.nsectors() * 512,
-            });
-            disk_written.push(device.take_written_sectors());
-        }
-        // The drives as they are now (the VM is paused, so they hold what it wrote).
-        let files: Vec<File> = if policy == Verification::DirtyLog {
-            Vec::new()
-        } else {
-            self.config
-                .drives
-                .iter()
-                .filter_map(|d| match File::open(&d.path) {
-                    Ok(f) => Some(f),
-                    Err(e) => {
-                        tracing::warn!(drive = %d.id, error = %e, "cannot open for verification");
-                        None
-                    }
-                })
-                .collect()
-        };
-        let files = if files.len() == self.config.drives.len() {
-            files
-        } else {
-            // A missing file makes every comparison on it fail, which distrusts the report.
-            Vec::new()
-        };
+        let disk_written: Vec<_> = self
+            .devices
+            .blocks
+            .iter()
+            .map(|b| lock(b).device_mut().take_written_sectors())
+            .collect();
         let layout = MemoryLayout::of(self.vm.memory());
         let facts = Facts {
             layout: &layout,
-            drives: &drives,
             written: &written,
             disk_written: &disk_written,
         };
-        let mut source = MemoryAndDrives::new(self.vm.memory(), &files);
         decide::decide(
             &facts,
-            claims.agent.as_ref(),
+            &claims.cache,
+            &claims.comparison,
             &claims.free,
             policy,
-            &mut source,
             report,
         )
     }
+}
+
+/// Threads that hash reported pages: one per host CPU, at most 4 (the guest runs meanwhile).
+fn hash_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get().min(4))
 }
 
 fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {

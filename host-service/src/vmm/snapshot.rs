@@ -25,8 +25,8 @@ use super::omit::{Claims, DEFAULT_SCAN_TIMEOUT};
 use super::{RunState, Vmm, VmmError, VmmEvents, VmmState};
 use crate::agent::AGENT_PORT;
 use crate::checkpoint::{
-    CheckpointReader, CheckpointWriter, DriveFiles, DriveInfo, ReadError, WriteError, WriteOptions,
-    WriteStats, fill_disk_refs,
+    CheckpointReader, CheckpointWriter, DriveFiles, DriveInfo, PageHashes, ReadError, WriteError,
+    WriteOptions, WriteStats, fill_disk_refs,
 };
 use crate::control::RestoreInfo;
 use crate::devices::virtio::block::BlockError;
@@ -303,15 +303,17 @@ impl Vmm {
                 .allocated_bytes;
         }
         let copy_time = t.elapsed();
-        let extents = match (claims, omission.as_mut()) {
-            (Some(claims), Some(report)) => {
-                self.decide_omissions(claims, options.verification, report)
-            }
-            _ => Vec::new(),
+        let no_hashes = PageHashes::new();
+        let (extents, hashes) = match (claims, omission.as_mut()) {
+            (Some(claims), Some(report)) => (
+                self.decide_omissions(claims, options.verification, report),
+                &claims.hashes,
+            ),
+            _ => (Vec::new(), &no_hashes),
         };
         let state = self.capture()?;
         writer
-            .write_memory(self.vm.memory(), &self.drive_table(), &extents)
+            .write_memory_hashed(self.vm.memory(), &self.drive_table(), &extents, hashes)
             .map_err(SnapshotError::from)?;
         let stats = writer.finish_json(&state).map_err(SnapshotError::from)?;
         Ok((stats, (copied, copy_time)))
