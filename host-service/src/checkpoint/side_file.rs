@@ -271,6 +271,19 @@ impl SideFileWriter {
         })
     }
 
+    /// A writer appending to `file` as the side file at `path` (tests use it to make appends
+    /// fail).
+    #[cfg(test)]
+    pub(crate) fn on_file_for_test(path: &Path, file: File, identity: CheckpointIdentity) -> Self {
+        Self {
+            path: path.to_owned(),
+            file,
+            identity,
+            end: SIDE_HEADER_LEN,
+            poisoned: false,
+        }
+    }
+
     /// The side file's path.
     pub fn path(&self) -> &Path {
         &self.path

@@ -10,6 +10,7 @@ pub mod config;
 pub mod control;
 pub mod devices;
 pub mod exit_file;
+pub mod preserve;
 pub mod snapshot;
 
 use std::sync::{Arc, mpsc};
