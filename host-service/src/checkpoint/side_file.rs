@@ -190,12 +190,12 @@ fn le_u64(b: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(w)
 }
 
-/// Checks a header: magic, version, checksum, header length, then the lost flag. Returns the
-/// checkpoint identity it records.
+/// Checks a header: magic, version, checksum and header length. Returns the checkpoint
+/// identity it records and its flags.
 fn decode_header(
     b: &[u8; SIDE_HEADER_LEN as usize],
     path: &Path,
-) -> Result<CheckpointIdentity, SideFileError> {
+) -> Result<(CheckpointIdentity, u32), SideFileError> {
     let path = || path.to_owned();
     if b[0..8] != SIDE_MAGIC {
         return Err(SideFileError::NotASideFile { path: path() });
@@ -210,13 +210,11 @@ fn decode_header(
     if le_u32(b, 60) != crc32c::crc32c(&b[..60]) || u64::from(le_u32(b, 12)) != SIDE_HEADER_LEN {
         return Err(SideFileError::HeaderChecksum { path: path() });
     }
-    if le_u32(b, 28) & FLAG_LOST != 0 {
-        return Err(SideFileError::Lost { path: path() });
-    }
-    Ok(CheckpointIdentity {
+    let identity = CheckpointIdentity {
         file_len: le_u64(b, 16),
         trailer_crc: le_u32(b, 24),
-    })
+    };
+    Ok((identity, le_u32(b, 28)))
 }
 
 /// A record's 32-byte header with its checksum over the header and `data`.
@@ -402,9 +400,10 @@ pub struct SideFile {
 }
 
 impl SideFile {
-    /// Opens and parses the side file at `path`. With `identity`, a side file recorded for
-    /// another checkpoint is refused ([`SideFileError::WrongCheckpoint`]). A file marked lost,
-    /// or shorter than its header, is [`SideFileError::Lost`].
+    /// Opens and parses the side file at `path`: header (magic, version, checksum), then with
+    /// `identity` the checkpoint it was recorded for ([`SideFileError::WrongCheckpoint`]), then
+    /// the lost flag ([`SideFileError::Lost`]; a file shorter than its header is lost too),
+    /// then the records up to the first one not intact.
     pub fn open(path: &Path, identity: Option<CheckpointIdentity>) -> Result<Self, SideFileError> {
         let file = File::open(path).map_err(|source| SideFileError::Io {
             op: "opening",
@@ -433,9 +432,15 @@ impl SideFile {
         }
         let mut hb = [0u8; SIDE_HEADER_LEN as usize];
         file.read_exact_at(&mut hb, 0).map_err(io)?;
-        let recorded = decode_header(&hb, path)?;
+        let (recorded, flags) = decode_header(&hb, path)?;
+        // Identity first: a lost side file of another checkpoint says nothing about this one.
         if identity.is_some_and(|id| id != recorded) {
             return Err(SideFileError::WrongCheckpoint {
+                path: path.to_owned(),
+            });
+        }
+        if flags & FLAG_LOST != 0 {
+            return Err(SideFileError::Lost {
                 path: path.to_owned(),
             });
         }

@@ -2,14 +2,25 @@
 //! the blocks the checkpoint references ([`Vmm::preserve_referenced`]), so the drive preserves
 //! their old bytes in the checkpoint's side file before the guest overwrites them
 //! ([`crate::devices::virtio::block::preserve`]). Read-only drives need no protection.
+//!
+//! On restore, [`fill_disk_pages`] reads the disk-referenced pages through the checkpoint's
+//! side file when it has one, so blocks the guest overwrote after the checkpoint come back as
+//! they were.
 
 use std::collections::BTreeMap;
+use std::fs::File;
 use std::path::Path;
+use std::sync::Arc;
 
 use super::Vmm;
-use crate::checkpoint::side_file::BLOCK_SIZE;
-use crate::checkpoint::{PageClass, PageExtent};
+use super::snapshot::SnapshotError;
+use crate::checkpoint::side_file::{BLOCK_SIZE, CheckpointIdentity, SideFileError};
+use crate::checkpoint::{
+    DiskRefRun, DriveFiles, PageClass, PageExtent, PreservedOverlay, SideFile,
+    fill_disk_refs_parallel, side_path,
+};
 use crate::devices::virtio::block::{self, PreservedCheckpoint, ReferencedBlocks};
+use crate::kvm::memory::GuestMemory;
 
 /// Why protection of a checkpoint's blocks cannot start. Nothing is protected then: a VM that
 /// resumes anyway can break the checkpoint.
@@ -95,6 +106,65 @@ pub fn plan(
         plan.entry(drive).or_default().push((lo, hi - lo));
     }
     Ok(plan)
+}
+
+/// Fills the disk-referenced pages `runs` of the checkpoint at `checkpoint` into `memory`
+/// from the drive images `drives` on `threads` threads, every page's hash checked. When the
+/// checkpoint has a side file, each block it holds is read from there instead of the drive.
+/// A side file marked lost refuses the restore ([`SideFileError::Lost`]); one recorded for
+/// another checkpoint (an older file of the same name) is ignored. Returns the pages filled.
+pub fn fill_disk_pages(
+    checkpoint: &Path,
+    memory: &GuestMemory,
+    runs: &[DiskRefRun],
+    drives: &[File],
+    threads: usize,
+) -> Result<u64, SnapshotError> {
+    let plain = DriveFiles(drives);
+    if runs.is_empty() {
+        return Ok(0);
+    }
+    let path = side_path(checkpoint);
+    let file = match File::open(&path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Ok(fill_disk_refs_parallel(memory, runs, &plain, threads)?);
+        }
+        Err(source) => {
+            return Err(SideFileError::Io {
+                op: "opening",
+                path,
+                source,
+            }
+            .into());
+        }
+    };
+    let identity = CheckpointIdentity::of_path(checkpoint)?;
+    let side = match SideFile::from_file(file, &path, Some(identity)) {
+        Ok(side) => side,
+        Err(SideFileError::WrongCheckpoint { path }) => {
+            tracing::warn!(
+                side_file = %path.display(),
+                "ignoring a side file left by another checkpoint at this path"
+            );
+            return Ok(fill_disk_refs_parallel(memory, runs, &plain, threads)?);
+        }
+        Err(e) => return Err(e.into()),
+    };
+    if *side.tail() != crate::checkpoint::side_file::Tail::Clean {
+        tracing::warn!(
+            side_file = %path.display(),
+            tail = ?side.tail(),
+            "the side file ends in an incomplete record, which is ignored"
+        );
+    }
+    tracing::info!(
+        side_file = %path.display(),
+        blocks = side.blocks(),
+        "restoring overwritten drive blocks from the checkpoint's side file"
+    );
+    let overlay = PreservedOverlay::new(Arc::new(side), plain);
+    Ok(fill_disk_refs_parallel(memory, runs, &overlay, threads)?)
 }
 
 impl Vmm {

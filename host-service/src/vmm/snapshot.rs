@@ -8,7 +8,8 @@
 //! [`Vmm::restore`] builds a VM in a new process from such a file: it checks the file, the
 //! drives (each must exist and have the size the guest knew) and the host's memory before
 //! anything is mapped, fills fresh memory from the saved pages in parallel, fills
-//! disk-referenced pages from the drive images (their hashes checked), rebuilds the in-kernel
+//! disk-referenced pages from the drive images in parallel, through the checkpoint's side file
+//! when it has one (their hashes checked; [`super::preserve::fill_disk_pages`]), rebuilds the in-kernel
 //! devices, vCPUs and devices from the captured structs and resets the vsock transport, so the
 //! guest drops its old connections and takes the (possibly new) context id. The VM is left
 //! paused; [`Vmm::resume`] lets it continue where it was.
@@ -23,8 +24,8 @@ use super::config::Console;
 use super::devices::DevicesError;
 use super::{RunState, Vmm, VmmError, VmmEvents, VmmState};
 use crate::checkpoint::{
-    CheckpointReader, CheckpointWriter, DriveFiles, DriveInfo, ReadError, WriteError, WriteOptions,
-    WriteStats, fill_disk_refs,
+    CheckpointReader, CheckpointWriter, DriveInfo, ReadError, SideFileError, WriteError,
+    WriteOptions, WriteStats,
 };
 use crate::control::RestoreInfo;
 use crate::devices::virtio::block::BlockError;
@@ -49,6 +50,9 @@ pub enum SnapshotError {
     /// A new vsock device was asked for, but the checkpointed VM had none.
     #[error("the checkpointed VM has no vsock device to give a new cid or socket")]
     NoVsock,
+    /// The checkpoint's side file (drive blocks preserved after it) cannot be used.
+    #[error(transparent)]
+    Preserved(#[from] SideFileError),
     /// The file's drive table and the state disagree.
     #[error("the checkpoint's drive table does not match its VM state: {0}")]
     Inconsistent(String),
@@ -217,8 +221,13 @@ impl Vmm {
             .map_err(SnapshotError::from)?;
         let memory_time = t.elapsed();
         let t = Instant::now();
-        let pages_disk = fill_disk_refs(&memory, &disk_runs, &mut DriveFiles(&drive_files))
-            .map_err(SnapshotError::from)?;
+        let pages_disk = super::preserve::fill_disk_pages(
+            path,
+            &memory,
+            &disk_runs,
+            &drive_files,
+            restore_threads(),
+        )?;
         let disk_time = t.elapsed();
         // Filling memory is not a device write the guest made.
         for region in memory.iter() {

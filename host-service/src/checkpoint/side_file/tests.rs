@@ -217,11 +217,16 @@ fn header_checks_lost_marker_and_checkpoint_binding() {
     ));
     std::fs::write(&path, &pristine).expect("restore");
 
-    // Marked lost: refused as lost, whatever records it holds.
+    // Marked lost: refused as lost, whatever records it holds; for another checkpoint it is
+    // still just the wrong file.
     w.mark_lost().expect("mark lost");
     assert!(matches!(
         SideFile::open(&path, Some(id)),
         Err(SideFileError::Lost { .. })
+    ));
+    assert!(matches!(
+        SideFile::open(&path, Some(other)),
+        Err(SideFileError::WrongCheckpoint { .. })
     ));
     assert!(matches!(
         w.append(0, &[(0x1000, &block(2, 1))]),

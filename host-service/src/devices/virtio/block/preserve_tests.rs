@@ -5,7 +5,6 @@
 use std::fs::File;
 use std::os::unix::fs::FileExt as _;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use sha2::Digest as _;
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_OK, VIRTIO_BLK_T_OUT};
@@ -15,7 +14,7 @@ use vm_memory::{Bytes as _, GuestAddress};
 use super::tests::{DATA, header, memory, run, status_desc};
 use super::*;
 use crate::checkpoint::side_file::{SideFile, SideFileError, SideFileWriter, side_path};
-use crate::checkpoint::{self as ckpt, DriveFiles, PreservedOverlay, ReadError};
+use crate::checkpoint::{self as ckpt, ReadError};
 use crate::kvm::memory::GuestMemory;
 
 const BS: u64 = 4096;
@@ -317,22 +316,16 @@ fn a_checkpoint_restores_after_its_referenced_blocks_were_overwritten() {
         "every referenced block was hit"
     );
 
-    let restore = |with_side: bool| -> Result<GuestMemory, ReadError> {
+    // Restore as Vmm::restore does: through the side file when there is one.
+    let restore = || -> Result<GuestMemory, crate::vmm::snapshot::SnapshotError> {
         let reader = ckpt::CheckpointReader::open(&d.checkpoint)?;
         let memory = reader.layout().create().expect("memory");
         let runs = reader.restore_memory(&memory, 2)?;
         let files = [File::open(&d.image).expect("image")];
-        if with_side {
-            let side = SideFile::open(&side_path(&d.checkpoint), Some(identity_of(&d.checkpoint)))
-                .expect("side file");
-            let overlay = PreservedOverlay::new(Arc::new(side), DriveFiles(&files));
-            ckpt::fill_disk_refs_parallel(&memory, &runs, &overlay, 2)?;
-        } else {
-            ckpt::fill_disk_refs(&memory, &runs, &mut DriveFiles(&files))?;
-        }
+        crate::vmm::preserve::fill_disk_pages(&d.checkpoint, &memory, &runs, &files, 2)?;
         Ok(memory)
     };
-    let restored = restore(true).expect("restore through the side file");
+    let restored = restore().expect("restore through the side file");
     let page = |m: &GuestMemory, frame: u64| {
         let mut b = vec![0u8; BS as usize];
         m.read_slice(&mut b, GuestAddress(frame * BS))
@@ -342,8 +335,30 @@ fn a_checkpoint_restores_after_its_referenced_blocks_were_overwritten() {
     for frame in 0..64 {
         assert_eq!(page(&restored, frame), page(&guest, frame), "page {frame}");
     }
-    match restore(false) {
-        Err(ReadError::HashMismatch { drive: 0, .. }) => {}
+    // Without the side file, or with one of another checkpoint, the changed drive is refused.
+    let side = side_path(&d.checkpoint);
+    let kept = d.dir.path().join("kept.blocks");
+    std::fs::rename(&side, &kept).expect("move away");
+    let refused = |r: Result<GuestMemory, crate::vmm::snapshot::SnapshotError>| match r {
+        Err(crate::vmm::snapshot::SnapshotError::Read(ReadError::HashMismatch {
+            drive: 0,
+            ..
+        })) => {}
         other => panic!("the overwritten drive must be refused: {:?}", other.err()),
-    }
+    };
+    refused(restore());
+    let stranger = d.dir.path().join("stranger.ditto");
+    std::fs::write(&stranger, [3u8; 200]).expect("stranger");
+    SideFileWriter::create(&side, identity_of(&stranger)).expect("stale side file");
+    refused(restore());
+    // A lost side file refuses the restore and says why.
+    let mut lost = SideFileWriter::create(&side, identity_of(&d.checkpoint)).expect("create");
+    lost.mark_lost().expect("mark");
+    let err = restore().expect_err("lost");
+    assert!(
+        err.to_string().contains("preserved blocks were lost"),
+        "{err}"
+    );
+    std::fs::rename(&kept, &side).expect("move back");
+    restore().expect("restore again");
 }
