@@ -46,6 +46,10 @@ pub enum PreserveError {
         /// The drive's size.
         size: u64,
     },
+    /// The checkpoint is protected already; making its side file again would drop the blocks
+    /// preserved so far.
+    #[error("the blocks of checkpoint {0:?} are protected already")]
+    AlreadyProtected(std::path::PathBuf),
     /// The checkpoint or its side file cannot be opened or created.
     #[error(transparent)]
     Device(#[from] block::PreserveError),
@@ -172,7 +176,8 @@ impl Vmm {
     /// index in the checkpoint's drive table, byte offset, length)` (see [`disk_ranges`]):
     /// creates the side file `<checkpoint>.blocks` and hands each writable drive its
     /// [`ReferencedBlocks`]. Call it after the checkpoint file is durable and before the VM
-    /// resumes. Without a reference to a writable drive, nothing is created.
+    /// resumes. Without a reference to a writable drive, nothing is created. A checkpoint that
+    /// is protected already is refused ([`PreserveError::AlreadyProtected`]).
     pub fn preserve_referenced(
         &mut self,
         checkpoint: &Path,
@@ -194,6 +199,16 @@ impl Vmm {
         let plan = plan(refs, &views)?;
         if plan.is_empty() {
             return Ok(());
+        }
+        let protected = self.devices.blocks.iter().any(|b| {
+            let t = b.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            t.device()
+                .preserved()
+                .iter()
+                .any(|r| r.protects(checkpoint))
+        });
+        if protected {
+            return Err(PreserveError::AlreadyProtected(checkpoint.to_owned()));
         }
         let shared = PreservedCheckpoint::open(checkpoint)?;
         let mut given = Vec::with_capacity(plan.len());

@@ -240,6 +240,12 @@ impl ReferencedBlocks {
         self.checkpoint.path()
     }
 
+    /// Whether this still protects blocks for the checkpoint file now at `path` (not lost,
+    /// and that file not deleted or replaced since).
+    pub fn protects(&self, path: &Path) -> bool {
+        self.checkpoint.path() == path && self.checkpoint.is_active() && !self.checkpoint.deleted()
+    }
+
     /// The drive's index in the checkpoint's drive table.
     pub fn drive(&self) -> u32 {
         self.drive

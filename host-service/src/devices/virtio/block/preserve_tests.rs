@@ -162,6 +162,8 @@ fn several_checkpoints_and_drives_each_get_their_blocks() {
     assert_eq!(d.block.preserved().len(), 1);
     assert_eq!(d.block.preserved()[0].checkpoint(), d.checkpoint);
     assert!(first.is_active());
+    assert!(d.block.preserved()[0].protects(&d.checkpoint));
+    assert!(!d.block.preserved()[0].protects(&second));
 }
 
 #[test]
@@ -193,6 +195,13 @@ fn a_replaced_checkpoint_keeps_the_new_side_file() {
     std::fs::write(&newer, [8u8; 300]).expect("newer");
     std::fs::rename(&newer, &d.checkpoint).expect("replace");
     d.protect(&[(5 * BS, BS)]);
+    let protecting: Vec<bool> = d
+        .block
+        .preserved()
+        .iter()
+        .map(|r| r.protects(&d.checkpoint))
+        .collect();
+    assert_eq!(protecting, [false, true]);
     guest_write(&mut d.block, &mem, 0, 512, 0x55);
     // The old protection ended without touching the newer side file.
     assert!(preserved_blocks(&d.checkpoint, 0).is_empty());
