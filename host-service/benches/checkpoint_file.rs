@@ -10,15 +10,25 @@
 //! read from the disk. Each time is the best of `DITTO_BENCH_REPS` runs (default 2); ratios are
 //! to the raw, 1-thread, 256-page baseline (its write, and its 1-thread restore).
 //!
+//! A second part measures restoring disk-referenced pages: the same memory is written as a
+//! checkpoint in which every page references a drive image (runs of 1 to 32 pages at shuffled
+//! places on the drive), and `fill_disk_refs_parallel` fills it on 1 and on N threads (N = the
+//! host's CPUs, at least 2), from a cold and from a warm page cache; it prints the N-thread time
+//! as a ratio to the 1-thread time.
+//!
 //! `cargo bench -p ditto-host --bench checkpoint_file [-- MIB]`, or `DITTO_BENCH_MIB=MIB`: the
 //! guest memory size in MiB (default 512: about a minute and a half on two cores).
+//! `DITTO_BENCH_ONLY=disk-refs` runs only the second part.
 
 use std::fmt::Write as _;
 use std::fs::File;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use ditto_host::checkpoint::{CheckpointReader, CheckpointWriter, WriteOptions, WriteStats};
+use ditto_host::checkpoint::{
+    CheckpointReader, CheckpointWriter, DriveFiles, DriveInfo, PageClass, PageExtent, WriteOptions,
+    WriteStats, fill_disk_refs_parallel,
+};
 use ditto_host::kvm::memory::{GuestMemory, MemoryLayout};
 use vm_memory::{Bytes as _, GuestAddress};
 
@@ -135,6 +145,11 @@ fn main() {
     );
 
     let path = dir.path().join("bench.ditto");
+    if std::env::var("DITTO_BENCH_ONLY").is_ok_and(|v| v == "disk-refs") {
+        disk_refs(&memory, dir.path(), reps);
+        println!("total {:.0} s", started.elapsed().as_secs_f64());
+        return;
+    }
     let mut results = Vec::new();
     for variant in Variant::all() {
         let m = (0..reps)
@@ -153,7 +168,106 @@ fn main() {
         results.push(m);
     }
     print!("{}", table(&results, bytes));
+    disk_refs(&memory, dir.path(), reps);
     println!("total {:.0} s", started.elapsed().as_secs_f64());
+}
+
+/// Writes `memory` as a checkpoint whose pages all reference a drive image in `dir`, then
+/// times filling them on 1 and N threads, cold and warm, best of `reps`; prints the ratios.
+fn disk_refs(memory: &GuestMemory, dir: &Path, reps: u32) {
+    let bytes = MemoryLayout::of(memory).regions[0].size;
+    let pages = bytes / PAGE as u64;
+    let image_path = dir.join("drive.img");
+    let image = File::create(&image_path).expect("creating the drive image");
+    image.set_len(bytes).expect("sizing the drive image");
+    // Runs of guest pages, laid out on the drive in shuffled order.
+    let mut rng = fastrand::Rng::with_seed(SEED ^ 1);
+    let mut runs = Vec::new();
+    let mut next = 0;
+    while next < pages {
+        let n = rng.u64(1..=MAX_RUN).min(pages - next);
+        runs.push((next, n));
+        next += n;
+    }
+    let mut placed = runs.clone();
+    rng.shuffle(&mut placed);
+    let mut extents = Vec::with_capacity(runs.len());
+    let mut drive_page = 0;
+    let mut buf = Vec::new();
+    for (first, n) in placed {
+        buf.resize(n as usize * PAGE, 0);
+        memory
+            .read_slice(&mut buf, GuestAddress(first * PAGE as u64))
+            .expect("reading guest memory");
+        std::os::unix::fs::FileExt::write_all_at(&image, &buf, drive_page * PAGE as u64)
+            .expect("writing the drive image");
+        extents.push(PageExtent {
+            first_frame: first,
+            pages: n,
+            class: PageClass::Disk {
+                drive: 0,
+                offset: drive_page * PAGE as u64,
+            },
+        });
+        drive_page += n;
+    }
+    image.sync_all().expect("syncing the drive image");
+    let path = dir.join("disk-refs.ditto");
+    let drives = [DriveInfo {
+        id: "bench".into(),
+        size: bytes,
+    }];
+    let mut writer =
+        CheckpointWriter::create(&path, WriteOptions::default()).expect("creating the checkpoint");
+    writer
+        .write_memory(memory, &drives, &extents)
+        .expect("writing guest memory into the checkpoint");
+    writer.finish(b"{}").expect("finishing the checkpoint");
+
+    let reader = CheckpointReader::open(&path).expect("opening the checkpoint");
+    let many = std::thread::available_parallelism().map_or(2, |n| n.get().max(2));
+    let files = [File::open(&image_path).expect("opening the drive image")];
+    let fill = |threads: usize, cold: bool| {
+        let restored = reader.layout().create().expect("mapping fresh memory");
+        let disk_runs = reader
+            .restore_memory(&restored, 2)
+            .expect("restoring guest memory");
+        if cold {
+            drop_from_page_cache(&image_path);
+        }
+        let started = Instant::now();
+        let n = fill_disk_refs_parallel(&restored, &disk_runs, &DriveFiles(&files), threads)
+            .expect("filling disk-referenced pages");
+        let elapsed = started.elapsed();
+        assert_eq!(n, pages, "every page is disk-referenced");
+        assert_same(memory, &restored);
+        elapsed
+    };
+    let best = |threads, cold| {
+        (0..reps)
+            .map(|_| fill(threads, cold))
+            .min()
+            .expect("at least one run")
+    };
+    println!(
+        "\ndisk-referenced restore: {pages} pages in {} runs from a {} MiB drive image, best of \
+         {reps}\n\n| cache | 1 thread s | {many} threads s | {many}t / 1t |\n| ----- | ---------: \
+         | ---------: | ------: |",
+        runs.len(),
+        bytes / MIB
+    );
+    for (label, cold) in [("cold", true), ("warm", false)] {
+        let one = best(1, cold);
+        let n = best(many, cold);
+        println!(
+            "| {label:<5} | {:>10.3} | {:>10.3} | {:>7.2} |",
+            one.as_secs_f64(),
+            n.as_secs_f64(),
+            n.as_secs_f64() / one.as_secs_f64()
+        );
+    }
+    std::fs::remove_file(&path).expect("removing the checkpoint");
+    std::fs::remove_file(&image_path).expect("removing the drive image");
 }
 
 /// The memory size in MiB: the first argument that is not a flag (`cargo bench` adds

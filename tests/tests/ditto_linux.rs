@@ -20,7 +20,10 @@
 //! 5. an agent that reports wrong disk offsets: with sampled verification the report is
 //!    distrusted and its pages saved; with only the dirty log its references are wrong, so the
 //!    restore refuses (hash mismatch) before any guest runs;
-//! 6. the drive copy changed behind ditto's back: the restore refuses.
+//! 6. the drive copy changed behind ditto's back: the restore refuses;
+//! 7. no drive copy: the VM runs on and overwrites blocks the checkpoint references, which are
+//!    preserved first (copy before write), so the checkpoint restores on the VM's own disk
+//!    with the old bytes; deleting a checkpoint ends the preserving.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -483,7 +486,73 @@ fn ditto_checkpoints_never_restore_wrong_memory() {
             f.write_all_at(&[0x5a; 4096], raw).expect("tamper");
         }
         refused(work, "tampered", &file1, &tampered, 10);
+
+        // 7. No drive copy: the VM runs on and overwrites blocks the checkpoint references, so
+        // they are preserved in its side file first, and the checkpoint restores on the very
+        // disk the VM went on writing. Deleting a checkpoint ends that.
+        let (code, before) = sh(
+            &mut agent,
+            "mkdir -p /data/cow && head -c 8388608 /dev/urandom > /data/cow/c1 && sync && \
+             sha256sum /data/cow/c1",
+        )
+        .await;
+        assert_eq!(code, 0, "{before}");
+        let live = ckpts.join("live.ditto");
+        let r7 = control
+            .checkpoint(CheckpointSpec {
+                path: live.clone(),
+                after: AfterCheckpoint::Resume,
+                mode: Mode::Ditto,
+                ..Default::default()
+            })
+            .await
+            .expect("checkpoint without a drive copy");
+        assert!(r7.pages_disk > 0, "{r7:?}");
+        let side = PathBuf::from(format!("{}.blocks", live.display()));
+        let side_before = std::fs::metadata(&side).map_or(0, |m| m.len());
+        let gone = ckpts.join("gone.ditto");
+        control
+            .checkpoint(CheckpointSpec {
+                path: gone.clone(),
+                after: AfterCheckpoint::Resume,
+                mode: Mode::Ditto,
+                ..Default::default()
+            })
+            .await
+            .expect("a second checkpoint without a drive copy");
+        std::fs::remove_file(&gone).expect("delete the second checkpoint");
+        let (code, out) = sh(
+            &mut agent,
+            "dd if=/dev/urandom of=/data/cow/c1 bs=1048576 count=8 conv=notrunc,fsync 2>&1 && \
+             sync && sha256sum /data/cow/c1",
+        )
+        .await;
+        assert_eq!(code, 0, "{out}");
+        assert_ne!(out, before, "the file changed in the running VM");
+        let side_after = std::fs::metadata(&side).map_or(0, |m| m.len());
+        println!(
+            "measured: side file of the live checkpoint: {side_before} bytes before the guest \
+             overwrote referenced blocks, {side_after} after"
+        );
+        assert!(side_after > side_before, "the old blocks were preserved");
+        assert!(
+            !PathBuf::from(format!("{}.blocks", gone.display())).exists(),
+            "a deleted checkpoint's side file goes, and its blocks are no longer preserved"
+        );
         drop(agent);
+        control.shutdown().await.expect("shutdown");
+        original.process.wait_exit(Duration::from_secs(60));
+        {
+            let (vm, mut clone) =
+                restore_and_check(work, "live", &live, &root, 11, "", "/data/workload /usr").await;
+            let (code, now) = sh(&mut clone, "sha256sum /data/cow/c1").await;
+            assert_eq!(code, 0);
+            assert_eq!(
+                now, before,
+                "the restored page cache holds the bytes of the checkpoint"
+            );
+            drop(vm);
+        }
     });
     drop(original);
 }

@@ -1,10 +1,14 @@
 //! Restoring disk-referenced pages: reading them from the drive images and checking each page
 //! against the SHA-256 the checkpoint recorded, so that a drive image that changed since the
-//! checkpoint is refused instead of resuming a guest with wrong memory.
+//! checkpoint is refused instead of resuming a guest with wrong memory. [`fill_disk_refs`] reads
+//! on the calling thread; [`fill_disk_refs_parallel`] spreads the offset-sorted reads over a few
+//! threads with the same result and error.
 
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt as _;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, PoisonError};
 
 use sha2::{Digest, Sha256};
 use vm_memory::{Bytes as _, GuestAddress};
@@ -51,7 +55,7 @@ where
 }
 
 /// Drive images as open files, drive `i` being `files[i]`.
-#[derive(Debug)]
+#[derive(Clone, Copy, Debug)]
 pub struct DriveFiles<'a>(pub &'a [File]);
 
 impl DriveReader for DriveFiles<'_> {
@@ -75,42 +79,170 @@ pub fn fill_disk_refs(
     runs: &[DiskRefRun],
     drives: &mut impl DriveReader,
 ) -> Result<u64, ReadError> {
-    let mut order: Vec<&DiskRefRun> = runs.iter().collect();
-    order.sort_by_key(|r| (r.drive, r.drive_offset));
-    let mut buf = Vec::new();
+    let batches = plan(runs);
+    fill_batches(memory, &batches, 0, drives, &|_| false).map_err(|(_, e)| e)
+}
+
+/// [`fill_disk_refs`] on up to `threads` threads (0 counts as 1). The batches, sorted by
+/// (drive, offset), are cut into `threads` contiguous slices of about equal pages, and each
+/// thread reads its slice in offset order through its own clone of `drives`.
+///
+/// The error is the one [`fill_disk_refs`] would return: that of the first failing page in
+/// (drive, offset) order. A thread stops once a page before its own position has failed;
+/// pages after a failure may have been written by other threads, so on an error the memory
+/// must be discarded as with one thread.
+pub fn fill_disk_refs_parallel<R>(
+    memory: &GuestMemory,
+    runs: &[DiskRefRun],
+    drives: &R,
+    threads: usize,
+) -> Result<u64, ReadError>
+where
+    R: DriveReader + Clone + Send,
+{
+    let batches = plan(runs);
+    let slices = split(&batches, threads.max(1));
+    if slices.len() <= 1 {
+        return fill_batches(memory, &batches, 0, &mut drives.clone(), &|_| false)
+            .map_err(|(_, e)| e);
+    }
+    // The lowest failed batch index so far (usize::MAX: none).
+    let first_failure = AtomicUsize::new(usize::MAX);
+    let error: Mutex<Option<(usize, ReadError)>> = Mutex::new(None);
+    let outcome = std::thread::scope(|s| {
+        let handles: Vec<_> = slices
+            .iter()
+            .map(|&(base, slice)| {
+                let mut reader = drives.clone();
+                let (first_failure, error) = (&first_failure, &error);
+                s.spawn(move || {
+                    let stop = |i: usize| i > first_failure.load(Ordering::Relaxed);
+                    let result = fill_batches(memory, slice, base, &mut reader, &stop);
+                    result.map_err(|(i, e)| {
+                        first_failure.fetch_min(i, Ordering::Relaxed);
+                        let mut slot = error.lock().unwrap_or_else(PoisonError::into_inner);
+                        if slot.as_ref().is_none_or(|(j, _)| i < *j) {
+                            *slot = Some((i, e));
+                        }
+                    })
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join()).collect::<Vec<_>>()
+    });
     let mut filled = 0;
-    for run in order {
-        let mut done = 0;
-        while done < run.pages {
-            let n = (run.pages - done).min(FILL_BATCH_PAGES);
-            buf.resize(n as usize * PAGE, 0);
-            let offset = run.drive_offset + done * PAGE_SIZE;
-            drives
-                .read_exact_at(run.drive, offset, &mut buf)
-                .map_err(|source| ReadError::DriveRead {
-                    drive: run.drive,
-                    offset,
-                    source,
-                })?;
-            for (i, page) in buf.chunks_exact(PAGE).enumerate() {
-                let index = done + i as u64;
-                let expected = usize::try_from(index).ok().and_then(|i| run.hashes.get(i));
-                let actual: PageHash = Sha256::digest(page).into();
-                if expected != Some(&actual) {
-                    return Err(ReadError::HashMismatch {
-                        guest_addr: run.guest_addr + index * PAGE_SIZE,
-                        drive: run.drive,
-                        drive_offset: run.drive_offset + index * PAGE_SIZE,
-                    });
-                }
-            }
-            let guest_addr = run.guest_addr + done * PAGE_SIZE;
-            memory
-                .write_slice(&buf, GuestAddress(guest_addr))
-                .map_err(|source| ReadError::Memory { guest_addr, source })?;
-            done += n;
-            filled += n;
+    for joined in outcome {
+        match joined {
+            Ok(Ok(n)) => filled += n,
+            Ok(Err(())) => {}
+            Err(_) => return Err(ReadError::WorkerPanicked),
         }
     }
+    match error.into_inner().unwrap_or_else(PoisonError::into_inner) {
+        Some((_, e)) => Err(e),
+        None => Ok(filled),
+    }
+}
+
+/// Up to [`FILL_BATCH_PAGES`] consecutive pages of one run.
+#[derive(Clone, Copy, Debug)]
+struct Batch<'r> {
+    run: &'r DiskRefRun,
+    /// Index of the first page in the run.
+    first: u64,
+    pages: u64,
+}
+
+/// The runs cut into batches, in (drive, offset) order.
+fn plan(runs: &[DiskRefRun]) -> Vec<Batch<'_>> {
+    let mut order: Vec<&DiskRefRun> = runs.iter().collect();
+    order.sort_by_key(|r| (r.drive, r.drive_offset));
+    let mut batches = Vec::new();
+    for run in order {
+        let mut first = 0;
+        while first < run.pages {
+            let pages = (run.pages - first).min(FILL_BATCH_PAGES);
+            batches.push(Batch { run, first, pages });
+            first += pages;
+        }
+    }
+    batches
+}
+
+/// Cuts `batches` into at most `parts` contiguous, nonempty slices of about equal pages; each
+/// comes with the index of its first batch.
+fn split<'b, 'r>(batches: &'b [Batch<'r>], parts: usize) -> Vec<(usize, &'b [Batch<'r>])> {
+    let total: u64 = batches.iter().map(|b| b.pages).sum();
+    let mut slices = Vec::with_capacity(parts);
+    let (mut start, mut done) = (0, 0u64);
+    for (i, b) in batches.iter().enumerate() {
+        done += b.pages;
+        // Close slice k once its share (k+1)/parts of the pages is reached.
+        let k = slices.len() as u64 + 1;
+        if slices.len() + 1 < parts && done * parts as u64 >= total * k {
+            slices.push((start, &batches[start..=i]));
+            start = i + 1;
+        }
+    }
+    if start < batches.len() {
+        slices.push((start, &batches[start..]));
+    }
+    slices
+}
+
+/// Reads, checks and writes `batches` (whose first is batch number `base`) in order; before
+/// each batch `stop(index)` may end the work early. On an error returns the failing batch's
+/// index with it.
+fn fill_batches(
+    memory: &GuestMemory,
+    batches: &[Batch<'_>],
+    base: usize,
+    drives: &mut impl DriveReader,
+    stop: &dyn Fn(usize) -> bool,
+) -> Result<u64, (usize, ReadError)> {
+    let mut buf = Vec::new();
+    let mut filled = 0;
+    for (i, batch) in batches.iter().enumerate() {
+        let index = base + i;
+        if stop(index) {
+            break;
+        }
+        fill_batch(memory, batch, drives, &mut buf).map_err(|e| (index, e))?;
+        filled += batch.pages;
+    }
     Ok(filled)
+}
+
+fn fill_batch(
+    memory: &GuestMemory,
+    batch: &Batch<'_>,
+    drives: &mut impl DriveReader,
+    buf: &mut Vec<u8>,
+) -> Result<(), ReadError> {
+    let run = batch.run;
+    buf.resize(batch.pages as usize * PAGE, 0);
+    let offset = run.drive_offset + batch.first * PAGE_SIZE;
+    drives
+        .read_exact_at(run.drive, offset, buf)
+        .map_err(|source| ReadError::DriveRead {
+            drive: run.drive,
+            offset,
+            source,
+        })?;
+    for (i, page) in buf.chunks_exact(PAGE).enumerate() {
+        let index = batch.first + i as u64;
+        let expected = usize::try_from(index).ok().and_then(|i| run.hashes.get(i));
+        let actual: PageHash = Sha256::digest(page).into();
+        if expected != Some(&actual) {
+            return Err(ReadError::HashMismatch {
+                guest_addr: run.guest_addr + index * PAGE_SIZE,
+                drive: run.drive,
+                drive_offset: run.drive_offset + index * PAGE_SIZE,
+            });
+        }
+    }
+    let guest_addr = run.guest_addr + batch.first * PAGE_SIZE;
+    memory
+        .write_slice(buf, GuestAddress(guest_addr))
+        .map_err(|source| ReadError::Memory { guest_addr, source })
 }

@@ -9,6 +9,8 @@
 //! - [`writer`]: [`CheckpointWriter`], streaming guest memory into the file.
 //! - [`reader`]: [`CheckpointReader`], validating a file and restoring guest memory.
 //! - [`disk_refs`]: filling disk-referenced pages from drive images, hash-checked.
+//! - [`side_file`]: the blocks a running VM overwrote after a checkpoint referenced them
+//!   (`X.blocks`), and the overlay restore reads through.
 //! - [`durable`]: crash-safe creation of the file at its final name.
 //! - [`error`]: [`WriteError`] and [`ReadError`].
 //!
@@ -49,14 +51,16 @@ pub mod error;
 pub mod format;
 pub mod page_map;
 pub mod reader;
+pub mod side_file;
 pub mod writer;
 
 #[cfg(test)]
 mod tests;
 
-pub use disk_refs::{DiskRefRun, DriveFiles, DriveReader, fill_disk_refs};
+pub use disk_refs::{DiskRefRun, DriveFiles, DriveReader, fill_disk_refs, fill_disk_refs_parallel};
 pub use error::{ReadError, WriteError};
 pub use format::DriveInfo;
 pub use page_map::{PageHash, PageMap, Run, RunKind};
 pub use reader::CheckpointReader;
+pub use side_file::{PreservedOverlay, SideFile, SideFileError, SideFileWriter, side_path};
 pub use writer::{CheckpointWriter, PageClass, PageExtent, PageHashes, WriteOptions, WriteStats};

@@ -973,3 +973,99 @@ fn a_partial_file_under_a_temporary_name_is_not_a_checkpoint() {
     ));
     std::fs::remove_file(temp).expect("clean up");
 }
+
+/// A drive image of `pages` seeded pages and disk runs over all of it (in shuffled order, of
+/// 1 to 600 pages, so batches of several sizes), each page's hash taken from the image.
+fn many_runs(dir: &Path, pages: u64) -> (File, Vec<DiskRefRun>, MemoryLayout) {
+    let mut rng = fastrand::Rng::with_seed(5);
+    let path = dir.join("big.img");
+    let mut bytes = vec![0u8; (pages * PAGE) as usize];
+    rng.fill(&mut bytes);
+    std::fs::write(&path, &bytes).expect("image");
+    let mut runs = Vec::new();
+    let mut first = 0;
+    while first < pages {
+        let n = rng.u64(1..=600).min(pages - first);
+        let hashes = bytes[(first * PAGE) as usize..((first + n) * PAGE) as usize]
+            .chunks_exact(PAGE as usize)
+            .map(|p| Sha256::digest(p).into())
+            .collect();
+        runs.push(DiskRefRun {
+            // Guest pages in reverse order of the drive's, to tell the two orders apart.
+            guest_addr: (pages - first - n) * PAGE,
+            pages: n,
+            drive: 0,
+            drive_offset: first * PAGE,
+            hashes,
+        });
+        first += n;
+    }
+    rng.shuffle(&mut runs);
+    (
+        File::open(&path).expect("image"),
+        runs,
+        MemoryLayout::single(pages * PAGE),
+    )
+}
+
+#[test]
+fn parallel_fill_equals_the_sequential_one() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (image, runs, layout) = many_runs(dir.path(), 3000);
+    let files = std::slice::from_ref(&image);
+    let one = layout.create().expect("memory");
+    assert_eq!(
+        fill_disk_refs(&one, &runs, &mut DriveFiles(files)).expect("fill"),
+        3000
+    );
+    for threads in [0, 1, 2, 3, 8] {
+        let many = layout.create().expect("memory");
+        let n = fill_disk_refs_parallel(&many, &runs, &DriveFiles(files), threads).expect("fill");
+        assert_eq!(n, 3000, "{threads} threads");
+        assert!(
+            memory_bytes(&many) == memory_bytes(&one),
+            "{threads} threads"
+        );
+    }
+    // No runs: nothing to do on any number of threads.
+    let empty = layout.create().expect("memory");
+    assert_eq!(
+        fill_disk_refs_parallel(&empty, &[], &DriveFiles(files), 4).expect("fill"),
+        0
+    );
+}
+
+#[test]
+fn parallel_fill_reports_the_first_bad_page_in_drive_order() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (image, runs, layout) = many_runs(dir.path(), 3000);
+    // Bad pages early and late on the drive (in different threads' slices).
+    let bad = [2900u64, 2000, 150];
+    let image = {
+        drop(image);
+        let path = dir.path().join("big.img");
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .expect("image");
+        for page in bad {
+            f.write_all_at(b"changed", page * PAGE + 9).expect("change");
+        }
+        f
+    };
+    let files = std::slice::from_ref(&image);
+    for threads in [1, 2, 3, 4] {
+        for _ in 0..5 {
+            let memory = layout.create().expect("memory");
+            let err = fill_disk_refs_parallel(&memory, &runs, &DriveFiles(files), threads)
+                .expect_err("changed pages accepted");
+            match err {
+                ReadError::HashMismatch { drive_offset, .. } => {
+                    assert_eq!(drive_offset, 150 * PAGE, "{threads} threads");
+                }
+                other => panic!("{other}"),
+            }
+        }
+    }
+}

@@ -11,6 +11,7 @@ pub mod control;
 pub mod devices;
 pub mod exit_file;
 mod omit;
+pub mod preserve;
 pub mod snapshot;
 
 use std::sync::{Arc, mpsc};

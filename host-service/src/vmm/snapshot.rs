@@ -8,7 +8,8 @@
 //! [`Vmm::restore`] builds a VM in a new process from such a file: it checks the file, the
 //! drives (each must exist and have the size the guest knew) and the host's memory before
 //! anything is mapped, fills fresh memory from the saved pages in parallel, fills
-//! disk-referenced pages from the drive images (their hashes checked), rebuilds the in-kernel
+//! disk-referenced pages from the drive images in parallel, through the checkpoint's side file
+//! when it has one (their hashes checked; [`super::preserve::fill_disk_pages`]), rebuilds the in-kernel
 //! devices, vCPUs and devices from the captured structs and resets the vsock transport, so the
 //! guest drops its old connections and takes the (possibly new) context id. The VM is left
 //! paused; [`Vmm::resume`] lets it continue where it was.
@@ -22,11 +23,12 @@ use vm_memory::GuestMemoryBackend as _;
 use super::config::Console;
 use super::devices::DevicesError;
 use super::omit::{Claims, DEFAULT_SCAN_TIMEOUT};
+use super::preserve::disk_ranges;
 use super::{RunState, Vmm, VmmError, VmmEvents, VmmState};
 use crate::agent::AGENT_PORT;
 use crate::checkpoint::{
-    CheckpointReader, CheckpointWriter, DriveFiles, DriveInfo, PageHashes, ReadError, WriteError,
-    WriteOptions, WriteStats, fill_disk_refs,
+    CheckpointReader, CheckpointWriter, DriveInfo, PageHashes, ReadError, SideFileError,
+    WriteError, WriteOptions, WriteStats,
 };
 use crate::control::RestoreInfo;
 use crate::devices::virtio::block::BlockError;
@@ -58,6 +60,12 @@ pub enum SnapshotError {
     /// A drive copy failed.
     #[error(transparent)]
     Copy(crate::disk_copy::CopyError),
+    /// The referenced blocks of a checkpoint the VM runs on after cannot be preserved.
+    #[error("cannot preserve the blocks the checkpoint references: {0}")]
+    Preserve(super::preserve::PreserveError),
+    /// The checkpoint's side file (drive blocks preserved after it) cannot be used.
+    #[error(transparent)]
+    Preserved(#[from] SideFileError),
     /// The file's drive table and the state disagree.
     #[error("the checkpoint's drive table does not match its VM state: {0}")]
     Inconsistent(String),
@@ -316,6 +324,20 @@ impl Vmm {
             .write_memory_hashed(self.vm.memory(), &self.drive_table(), &extents, hashes)
             .map_err(SnapshotError::from)?;
         let stats = writer.finish_json(&state).map_err(SnapshotError::from)?;
+        // The guest may run on and overwrite blocks the checkpoint references: those of drives
+        // not copied with it are preserved first (copy before write).
+        let refs: Vec<_> = disk_ranges(&extents)
+            .into_iter()
+            .filter(|(drive, _, _)| !copies.iter().any(|(i, _)| *i == *drive as usize))
+            .collect();
+        if options.after == After::Resume
+            && !refs.is_empty()
+            && let Err(e) = self.preserve_referenced(&options.path, &refs)
+        {
+            // Without its blocks preserved the checkpoint would not stay restorable.
+            let _ = std::fs::remove_file(&options.path);
+            return Err(SnapshotError::Preserve(e).into());
+        }
         Ok((stats, (copied, copy_time)))
     }
 
@@ -357,8 +379,13 @@ impl Vmm {
             .map_err(SnapshotError::from)?;
         let memory_time = t.elapsed();
         let t = Instant::now();
-        let pages_disk = fill_disk_refs(&memory, &disk_runs, &mut DriveFiles(&drive_files))
-            .map_err(SnapshotError::from)?;
+        let pages_disk = super::preserve::fill_disk_pages(
+            path,
+            &memory,
+            &disk_runs,
+            &drive_files,
+            restore_threads(),
+        )?;
         let disk_time = t.elapsed();
         // Filling memory is not a device write the guest made.
         for region in memory.iter() {

@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use virtio_bindings::virtio_blk::{
@@ -17,6 +17,7 @@ use virtio_bindings::virtio_blk::{
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress};
 
+use super::preserve::{self, ReferencedBlocks};
 use super::request::{self, MAX_DESCRIPTORS, ParseError, Request, RequestType};
 use super::{ID_BYTES, QUEUE_SIZE, SECTOR_SIZE};
 use crate::devices::virtio::{VIRTIO_F_VERSION_1, VirtioDevice, read_config_space};
@@ -92,12 +93,13 @@ pub struct BlockState {
     pub written: Vec<SectorRange>,
 }
 
-/// Coalescing set of sector ranges, keyed by start, valued by end (exclusive).
+/// Coalescing set of ranges (of sectors, or bytes for [`super::preserve`]), keyed by start,
+/// valued by end (exclusive).
 #[derive(Clone, Debug, Default)]
-struct RangeSet(BTreeMap<u64, u64>);
+pub(super) struct RangeSet(pub(super) BTreeMap<u64, u64>);
 
 impl RangeSet {
-    fn insert(&mut self, start: u64, end: u64) {
+    pub(super) fn insert(&mut self, start: u64, end: u64) {
         if start >= end {
             return;
         }
@@ -138,6 +140,8 @@ pub struct Block {
     acked_features: u64,
     written: RangeSet,
     queue_sizes: [u16; 1],
+    /// Blocks checkpoints reference, preserved before the guest overwrites them.
+    preserved: Vec<ReferencedBlocks>,
 }
 
 impl Block {
@@ -169,6 +173,7 @@ impl Block {
             acked_features: 0,
             written: RangeSet::default(),
             queue_sizes: [QUEUE_SIZE],
+            preserved: Vec::new(),
         })
     }
 
@@ -218,6 +223,28 @@ impl Block {
         let ranges = self.written.ranges();
         self.written = RangeSet::default();
         ranges
+    }
+
+    /// Protects the blocks `refs` lists: before the guest's first write to each, its old bytes
+    /// go to the checkpoint's side file ([`super::preserve`]). A VM may protect several
+    /// checkpoints at once. Call it while the guest is paused, before it runs on after the
+    /// checkpoint.
+    pub fn preserve(&mut self, refs: ReferencedBlocks) {
+        self.preserved.push(refs);
+    }
+
+    /// Stops protecting blocks for the checkpoint at `checkpoint` on this drive; returns
+    /// whether it was protected. Its side file stays (it holds blocks the guest already
+    /// overwrote) unless the checkpoint itself is gone. After this, guest writes can change
+    /// blocks the checkpoint references: release a checkpoint that will be deleted, or when
+    /// the guest no longer writes.
+    pub fn release_preserved(&mut self, checkpoint: &Path) -> bool {
+        preserve::release(&mut self.preserved, checkpoint)
+    }
+
+    /// The protections in force, in the order they were given.
+    pub fn preserved(&self) -> &[ReferencedBlocks] {
+        &self.preserved
     }
 
     /// Executes one parsed request; returns the virtio-blk status and the number of bytes
@@ -275,6 +302,15 @@ impl Block {
             return VIRTIO_BLK_S_IOERR as u8;
         }
         let start = req.sector * SECTOR_SIZE;
+        if !self.preserved.is_empty() {
+            // Parsing checked that the request lies inside the disk.
+            preserve::before_write(
+                &mut self.preserved,
+                &self.file,
+                start,
+                start + req.data_len(),
+            );
+        }
         let mut offset = start;
         let mut buf = Vec::new();
         let mut ok = true;

@@ -19,14 +19,14 @@ use super::*;
 use crate::devices::virtio::VirtioDevice;
 use crate::kvm::memory::{GuestMemory, MemoryLayout};
 
-const MEM: u64 = 1 << 20;
+pub(super) const MEM: u64 = 1 << 20;
 const DISK_SECTORS: u64 = 64;
-const W: u16 = 2; // VRING_DESC_F_WRITE
-const HDR: u64 = 0x1_0000;
-const DATA: u64 = 0x2_0000;
-const STATUS: u64 = 0x3_0000;
+pub(super) const W: u16 = 2; // VRING_DESC_F_WRITE
+pub(super) const HDR: u64 = 0x1_0000;
+pub(super) const DATA: u64 = 0x2_0000;
+pub(super) const STATUS: u64 = 0x3_0000;
 
-fn memory() -> GuestMemory {
+pub(super) fn memory() -> GuestMemory {
     MemoryLayout::single(MEM).create().expect("memory")
 }
 
@@ -44,7 +44,7 @@ fn disk(read_only: bool) -> (tempfile::NamedTempFile, Block) {
     (file, Block::open(config).expect("open"))
 }
 
-fn header(mem: &GuestMemory, kind: u32, sector: u64) -> Descriptor {
+pub(super) fn header(mem: &GuestMemory, kind: u32, sector: u64) -> Descriptor {
     mem.write_obj(kind.to_le(), GuestAddress(HDR)).expect("hdr");
     mem.write_obj(0u32, GuestAddress(HDR + 4)).expect("hdr");
     mem.write_obj(sector.to_le(), GuestAddress(HDR + 8))
@@ -52,15 +52,15 @@ fn header(mem: &GuestMemory, kind: u32, sector: u64) -> Descriptor {
     Descriptor::new(HDR, 16, 0, 0)
 }
 
-fn status_desc() -> Descriptor {
+pub(super) fn status_desc() -> Descriptor {
     Descriptor::new(STATUS, 1, W, 0)
 }
 
-fn status(mem: &GuestMemory) -> u32 {
+pub(super) fn status(mem: &GuestMemory) -> u32 {
     u32::from(mem.read_obj::<u8>(GuestAddress(STATUS)).expect("status"))
 }
 
-fn run(block: &mut Block, mem: &GuestMemory, descs: Vec<Descriptor>) -> (u32, u32) {
+pub(super) fn run(block: &mut Block, mem: &GuestMemory, descs: Vec<Descriptor>) -> (u32, u32) {
     mem.write_obj(0xffu8, GuestAddress(STATUS)).expect("status");
     let len = block.process_descriptors(mem, descs);
     (status(mem), len)
