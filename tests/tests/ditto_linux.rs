@@ -14,7 +14,9 @@
 //! 2. during the checkpoint, a loop rewrites cached files with write(2), writes others with
 //!    O_DIRECT, truncates and unlinks files so the filesystem reuses their blocks, and writes
 //!    raw bytes to the block device under a cached file: the raw write must not reach the
-//!    restored page cache (the guest's stale page stays stale);
+//!    restored page cache (the guest's stale page stays stale); that stale page, clean to
+//!    the guest but unlike the disk since before tracking was armed, is caught by full
+//!    verification (and, with the dirty log alone, by the restore's hash check, which refuses);
 //! 3. memory pressure that evicts and reuses frames during the scan;
 //! 4. the agent killed in the middle of its scan, and a scan timeout too short to finish;
 //! 5. an agent that reports wrong disk offsets: with sampled verification the report is
@@ -71,11 +73,11 @@ while [ $(date +%s) -lt $end ]; do
   sync
 done"#;
 
-/// Memory pressure: a 420 MiB buffer filled and dropped again and again, with file reads in
+/// Memory pressure: a 520 MiB buffer (more than the guest has free, so page cache is evicted) filled and dropped again and again, with file reads in
 /// between, for `SECS` seconds.
 const PRESSURE: &str = r#"end=$(( $(date +%s) + SECS ))
 while [ $(date +%s) -lt $end ]; do
-  dd if=/dev/zero of=/dev/null bs=440401920 count=1 2>/dev/null
+  dd if=/dev/zero of=/dev/null bs=545259520 count=1 2>/dev/null
   cat /data/extra/* /usr/bin/* > /dev/null 2>&1
 done"#;
 
@@ -334,18 +336,57 @@ fn ditto_checkpoints_never_restore_wrong_memory() {
                 &file2,
                 &disk2,
                 5,
-                &stop("disturb"),
+                // Read before the coherence check drops the page cache.
+                &format!(
+                    "{}; sha256sum /data/raw/r1 > /root/r1.restored",
+                    stop("disturb")
+                ),
                 AFTER_RAW,
             )
             .await;
             // The raw write bypassed the guest's page cache: the restored cache keeps the bytes
             // the guest had, not the disk's.
-            let (code, now) = sh(&mut clone, "sha256sum /data/raw/r1").await;
+            let (code, now) = sh(&mut clone, "cat /root/r1.restored").await;
             assert_eq!(code, 0);
             assert_eq!(now, stale, "the restored page cache of r1 is the guest's");
             drop(vm);
         }
         sh(&mut agent, &stop("disturb")).await;
+
+        // 2b. The raw writes left r1's cached page stale: clean in the guest's eyes, different
+        // from the disk, and written before any tracking was armed. Full verification (done
+        // while the guest runs) sees the difference, distrusts the report and saves its pages.
+        let (r2b, file2b, disk2b) = ditto(
+            &control,
+            &ckpts,
+            "stale-full",
+            Verification::Full,
+            None,
+            None,
+        )
+        .await;
+        let o2b = r2b.omission.clone().expect("report");
+        assert!(o2b.pages_mismatched > 0, "the stale page differs: {o2b:?}");
+        assert_eq!(r2b.pages_disk, 0, "a distrusted report omits nothing");
+        {
+            let (vm, _clone) =
+                restore_and_check(work, "stale-full", &file2b, &disk2b, 12, "", AFTER_RAW).await;
+            drop(vm);
+        }
+        // With the dirty log alone the stale page is referenced; the restore's hash check
+        // refuses the checkpoint rather than give the guest the disk's bytes.
+        let (_, file2c, disk2c) = ditto(
+            &control,
+            &ckpts,
+            "stale-unverified",
+            Verification::DirtyLog,
+            None,
+            None,
+        )
+        .await;
+        refused(work, "stale-unverified", &file2c, &disk2c, 13);
+        // The page cache agrees with the disk again.
+        sh(&mut agent, "sync; echo 3 > /proc/sys/vm/drop_caches").await;
 
         // 3. Memory pressure that evicts and reuses frames during the scan.
         detach(&mut agent, "pressure", &PRESSURE.replace("SECS", &secs)).await;
@@ -543,9 +584,18 @@ fn ditto_checkpoints_never_restore_wrong_memory() {
         control.shutdown().await.expect("shutdown");
         original.process.wait_exit(Duration::from_secs(60));
         {
-            let (vm, mut clone) =
-                restore_and_check(work, "live", &live, &root, 11, "", "/data/workload /usr").await;
-            let (code, now) = sh(&mut clone, "sha256sum /data/cow/c1").await;
+            // Read before the coherence check drops the page cache.
+            let (vm, mut clone) = restore_and_check(
+                work,
+                "live",
+                &live,
+                &root,
+                11,
+                "sha256sum /data/cow/c1 > /root/c1.restored",
+                "/data/workload /usr",
+            )
+            .await;
+            let (code, now) = sh(&mut clone, "cat /root/c1.restored").await;
             assert_eq!(code, 0);
             assert_eq!(
                 now, before,
