@@ -73,8 +73,9 @@ while [ $(date +%s) -lt $end ]; do
   sync
 done"#;
 
-/// Memory pressure: a 520 MiB buffer (more than the guest has free, so page cache is evicted) filled and dropped again and again, with file reads in
-/// between, for `SECS` seconds.
+/// Memory pressure: a 520 MiB buffer (more than the guest has free, so page cache is
+/// evicted) filled and dropped again and again, with file reads in between, for `SECS`
+/// seconds.
 const PRESSURE: &str = r#"end=$(( $(date +%s) + SECS ))
 while [ $(date +%s) -lt $end ]; do
   dd if=/dev/zero of=/dev/null bs=545259520 count=1 2>/dev/null
