@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use ditto_host::control::{AfterCheckpoint, CheckpointSpec, VmState, VmmClient};
 use ditto_proto::agent::v1::agent_client::AgentClient;
 use ditto_tests::microvm::images_dir;
+use ditto_tests::scenario::socket_args;
 use ditto_tests::vmm::{AGENT_PORT, VmmProcess, agent_over_hybrid_vsock, sparse_copy};
 use ditto_tests::workload::{CONTROL, WORKLOAD, count, sh, try_sh, verify};
 use serde_json::Value;
@@ -24,10 +25,6 @@ const MEM_MIB: u64 = 1024;
 const ANON_MIB: u64 = 300;
 const FILE_MIB: u64 = 8;
 const FILES: u64 = 4;
-
-fn path_str(path: &Path) -> &str {
-    path.to_str().expect("a UTF-8 path")
-}
 
 /// The guest's uptime in seconds.
 async fn uptime(agent: &mut AgentClient<Channel>) -> f64 {
@@ -49,16 +46,7 @@ struct Vm {
 impl Vm {
     /// The sockets of a VM in `dir` and the arguments that give them to ditto-vmm with `cid`.
     fn sockets(dir: &Path, cid: u32) -> (PathBuf, PathBuf, Vec<String>) {
-        let (uds, control) = (dir.join("vsock.sock"), dir.join("control.sock"));
-        let args = vec![
-            "--vsock-cid".to_owned(),
-            cid.to_string(),
-            "--vsock-uds".to_owned(),
-            path_str(&uds).to_owned(),
-            "--control".to_owned(),
-            path_str(&control).to_owned(),
-        ];
-        (uds, control, args)
+        socket_args(dir, cid)
     }
 
     /// Boots the image on `root` with a vsock `cid`.
