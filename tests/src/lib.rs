@@ -5,10 +5,13 @@
 //! are in the folder named by `$DITTO_IMAGES`. Tests that need a Linux guest are `#[ignore]`d
 //! locally and run with `--include-ignored` in the box. [`vmm`] runs guests under ditto-vmm there,
 //! [`dittod`] under the real daemon and its CLI.
+//! [`scenario`] drives the measured checkpoint runs of `ditto-demo` and `ditto-bench` (the binaries
+//! `cargo xtask demo` and `cargo xtask bench` run in the box).
 
 pub mod dittod;
 pub mod fixture;
 pub mod microvm;
 pub mod payload;
+pub mod scenario;
 pub mod vmm;
 pub mod workload;

@@ -43,6 +43,31 @@ pub fn sparse_copy(src: &Path, dst: &Path) -> std::io::Result<()> {
     to.sync_all()
 }
 
+/// Why [`VmmProcess::try_wait_for`] gave up.
+#[derive(Debug, thiserror::Error)]
+pub enum WaitError {
+    /// The VMM ended before the console showed the text.
+    #[error("ditto-vmm ended ({status}) before {needle:?}; console:\n{transcript}")]
+    Ended {
+        /// The awaited text.
+        needle: String,
+        /// How the VMM ended.
+        status: ExitStatus,
+        /// The console and the VMM's standard error.
+        transcript: String,
+    },
+    /// The text did not come in time.
+    #[error("no {needle:?} within {timeout:?}; console:\n{transcript}")]
+    TimedOut {
+        /// The awaited text.
+        needle: String,
+        /// How long it waited.
+        timeout: Duration,
+        /// The console and the VMM's standard error.
+        transcript: String,
+    },
+}
+
 /// A `ditto-vmm run` process, killed when dropped.
 pub struct VmmProcess {
     child: Child,
@@ -135,22 +160,31 @@ impl VmmProcess {
     /// Waits until the console contains `needle`; panics with the console after `timeout` or
     /// when the VMM ends first.
     pub fn wait_for(&mut self, needle: &str, timeout: Duration) -> Duration {
+        self.try_wait_for(needle, timeout)
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// [`Self::wait_for`], with the failure (and the console) returned instead of a panic.
+    pub fn try_wait_for(&mut self, needle: &str, timeout: Duration) -> Result<Duration, WaitError> {
         let start = Instant::now();
         loop {
             if self.console_text().contains(needle) {
-                return start.elapsed();
+                return Ok(start.elapsed());
             }
             if let Ok(Some(status)) = self.child.try_wait() {
-                panic!(
-                    "ditto-vmm ended ({status}) before {needle:?}; console:\n{}",
-                    self.transcript()
-                );
+                return Err(WaitError::Ended {
+                    needle: needle.to_owned(),
+                    status,
+                    transcript: self.transcript(),
+                });
             }
-            assert!(
-                start.elapsed() < timeout,
-                "no {needle:?} within {timeout:?}; console:\n{}",
-                self.transcript()
-            );
+            if start.elapsed() >= timeout {
+                return Err(WaitError::TimedOut {
+                    needle: needle.to_owned(),
+                    timeout,
+                    transcript: self.transcript(),
+                });
+            }
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -260,10 +294,6 @@ pub async fn agent_over_control_tunnel(control: PathBuf, port: u32) -> AgentClie
         .expect("agent channel through the control socket's ConnectVsock tunnel");
     AgentClient::new(channel).max_decoding_message_size(ditto_host::agent::MAX_REPLY_BYTES)
 }
-fn path_str(path: &Path) -> &str {
-    path.to_str().expect("a UTF-8 path")
-}
-
 /// The guest's uptime in seconds.
 pub async fn uptime(agent: &mut AgentClient<Channel>) -> f64 {
     let (code, out) = sh(agent, "cat /proc/uptime").await;
@@ -288,16 +318,7 @@ pub struct TestVm {
 impl TestVm {
     /// The sockets of a VM in `dir` and the arguments that give them to ditto-vmm with `cid`.
     fn sockets(dir: &Path, cid: u32) -> (PathBuf, PathBuf, Vec<String>) {
-        let (uds, control) = (dir.join("vsock.sock"), dir.join("control.sock"));
-        let args = vec![
-            "--vsock-cid".to_owned(),
-            cid.to_string(),
-            "--vsock-uds".to_owned(),
-            path_str(&uds).to_owned(),
-            "--control".to_owned(),
-            path_str(&control).to_owned(),
-        ];
-        (uds, control, args)
+        crate::scenario::socket_args(dir, cid)
     }
 
     /// Boots the image on `root` with a vsock `cid` and `mem_mib` of RAM, one vCPU.

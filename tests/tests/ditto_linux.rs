@@ -389,7 +389,9 @@ fn ditto_checkpoints_never_restore_wrong_memory() {
         // The page cache agrees with the disk again.
         sh(&mut agent, "sync; echo 3 > /proc/sys/vm/drop_caches").await;
 
-        // 3. Memory pressure that evicts and reuses frames during the scan.
+        // 3. Memory pressure that evicts and reuses frames during the scan (with page cache to
+        // evict).
+        sh(&mut agent, "cat /data/workload/* /data/extra/* > /dev/null").await;
         detach(&mut agent, "pressure", &PRESSURE.replace("SECS", &secs)).await;
         tokio::time::sleep(Duration::from_secs(1)).await;
         let (r3, file3, disk3) = ditto(

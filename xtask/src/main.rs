@@ -1,8 +1,9 @@
-//! `cargo xtask`: ditto's automation — machine setup, guest images, the KVM test box and the
-//! test pipeline. Run `cargo xtask --help` for the commands.
+//! `cargo xtask`: ditto's automation — machine setup, guest images, the KVM test box, the test
+//! pipeline, the demo and the benchmark. Run `cargo xtask --help` for the commands.
 
 mod cmd;
 mod debian;
+mod demo;
 mod images;
 mod initramfs;
 mod paths;
@@ -33,6 +34,10 @@ enum Command {
     Box(testbox::BoxArgs),
     /// Format and lint checks, unit and integration tests, then the end-to-end tests in the box.
     Test(test::TestArgs),
+    /// Boot a guest, take a full and a ditto checkpoint of it, restore the ditto one, compare.
+    Demo(demo::DemoArgs),
+    /// Full, free-only and ditto checkpoints of four workloads, with restores; a table.
+    Bench(demo::BenchArgs),
 }
 
 fn main() {
@@ -42,6 +47,8 @@ fn main() {
         Command::Images(args) => images::run(&args).map(|()| 0),
         Command::Box(args) => testbox::run(&args),
         Command::Test(args) => test::run(&args).map(|()| 0),
+        Command::Demo(args) => demo::demo(&args),
+        Command::Bench(args) => demo::bench(&args),
     };
     match result {
         Ok(code) => std::process::exit(code),

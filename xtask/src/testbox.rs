@@ -122,6 +122,12 @@ fn search_path() -> String {
     )
 }
 
+/// Whether this host can run guests itself: vmx or svm in its CPU flags and a `/dev/kvm` (else
+/// guests need the box).
+pub fn can_run_natively() -> bool {
+    host_has_hardware_virtualisation() && Path::new("/dev/kvm").exists()
+}
+
 fn host_has_hardware_virtualisation() -> bool {
     fs::read_to_string("/proc/cpuinfo").is_ok_and(|info| {
         info.lines()
