@@ -82,6 +82,17 @@ while [ $(date +%s) -lt $end ]; do
   cat /data/extra/* /usr/bin/* > /dev/null 2>&1
 done"#;
 
+/// Kills the agent with SIGKILL as soon as it is busy: once it has used 30 ms of CPU time
+/// more than it had half a second after this started (an idle agent uses none, a scan a lot).
+const KILLER: &str = r#"pid=$(pidof ditto-agent)
+cpu() { awk '{ print $14 + $15 }' /proc/$pid/stat; }
+usleep 500000
+base=$(cpu)
+while now=$(cpu); do
+  if [ $((now - base)) -ge 3 ]; then kill -9 $pid; exit 0; fi
+  usleep 10000
+done"#;
+
 /// A shell check that the page cache agrees with the disk under `dirs`: the hashes through the
 /// cache (after `sync` wrote every dirty page back) equal those read after dropping the cache.
 fn coherence_check(dirs: &str) -> String {
@@ -420,13 +431,9 @@ fn ditto_checkpoints_never_restore_wrong_memory() {
         sh(&mut agent, &stop("pressure")).await;
 
         // 4a. The agent killed during its scan: the page cache is saved, the result says why.
-        let kill_after = (scan_ms / 3).max(50);
-        detach(
-            &mut agent,
-            "killer",
-            &format!("usleep {}; killall -9 ditto-agent", kill_after * 1000),
-        )
-        .await;
+        detach(&mut agent, "killer", KILLER).await;
+        // The killer takes the agent's CPU time once this exec is done with.
+        tokio::time::sleep(Duration::from_millis(800)).await;
         let (r4, file4, disk4) = ditto(
             &control,
             &ckpts,
