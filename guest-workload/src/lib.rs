@@ -15,5 +15,6 @@ pub mod memory;
 pub mod pagecache;
 pub mod pattern;
 pub mod protocol;
+pub mod scribble;
 pub mod server;
 pub mod workload;

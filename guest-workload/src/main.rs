@@ -93,6 +93,15 @@ enum Command {
         #[command(flatten)]
         control: ControlArgs,
     },
+    /// Write FILE through a shared memory mapping (plain stores into its page cache, no
+    /// write(2)), one page every few milliseconds, for SECS seconds.
+    Scribble {
+        /// The file (its whole pages are written in turn).
+        file: PathBuf,
+        /// How long to keep writing.
+        #[arg(long, value_name = "SECS", default_value_t = 10)]
+        secs: u64,
+    },
     /// Debugging aid for tests: flip one bit of anonymous page N of a running workload.
     #[command(hide = true)]
     CorruptPage {
@@ -156,6 +165,17 @@ fn execute(command: Command, started: Instant) -> anyhow::Result<ExitCode> {
         Command::Stop { control } => {
             let heartbeats = control.control().stop()?;
             println!("stopped after {heartbeats} heartbeats");
+        }
+        Command::Scribble { file, secs } => {
+            let n = ditto_workload::scribble::scribble(
+                &file,
+                Duration::from_secs(secs),
+                Duration::from_millis(5),
+            )?;
+            println!(
+                "wrote {n} pages of {} through a shared mapping",
+                file.display()
+            );
         }
         Command::CorruptPage { control, page } => {
             let offset = control.control().corrupt_page(page)?;

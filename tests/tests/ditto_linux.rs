@@ -11,7 +11,8 @@
 //! after `drop_caches`. The rounds:
 //!
 //! 1. read-heavy, no disturbance, every reported page compared with the disk (`full`);
-//! 2. during the checkpoint, a loop rewrites cached files with write(2), writes others with
+//! 2. during the checkpoint, a loop rewrites cached files with write(2) and through a shared
+//!    mapping, writes others with
 //!    O_DIRECT, truncates and unlinks files so the filesystem reuses their blocks, and writes
 //!    raw bytes to the block device under a cached file: the raw write must not reach the
 //!    restored page cache (the guest's stale page stays stale); that stale page, clean to
@@ -53,14 +54,15 @@ const LIAR_PORT: u32 = 10300;
 /// Files for the disturbance rounds, each 8 MiB of random bytes, written and synced.
 const SETUP: &str = "set -e
 mkdir -p /data/extra/churn /data/raw
-for f in rw1 od1 tr1 u1 u2; do head -c 8388608 /dev/urandom > /data/extra/$f; done
+for f in rw1 od1 tr1 u1 u2 mm1; do head -c 8388608 /dev/urandom > /data/extra/$f; done
 head -c 8388608 /dev/urandom > /data/raw/r1
 head -c 4096 /dev/urandom > /root/rawblk
 sync";
 
-/// Rewrites, O_DIRECT writes, truncation, unlink and block reuse, and raw writes under
-/// /data/raw/r1 at byte `$RAW` of /dev/vda, for `$SECS` seconds.
+/// Stores through a shared mapping, rewrites, O_DIRECT writes, truncation, unlink and block
+/// reuse, and raw writes under /data/raw/r1 at byte `RAW` of /dev/vda, for `SECS` seconds.
 const DISTURB: &str = r#"end=$(( $(date +%s) + SECS ))
+ditto-workload scribble /data/extra/mm1 --secs SECS &
 i=0
 while [ $(date +%s) -lt $end ]; do
   i=$((i + 1))
