@@ -12,10 +12,10 @@
 //!
 //! 1. read-heavy, no disturbance, every reported page compared with the disk (`full`);
 //! 2. during the checkpoint, a loop rewrites cached files with write(2) and through a shared
-//!    mapping, writes others with
-//!    O_DIRECT, truncates and unlinks files so the filesystem reuses their blocks, and writes
-//!    raw bytes to the block device under a cached file: the raw write must not reach the
-//!    restored page cache (the guest's stale page stays stale); that stale page, clean to
+//!    mapping, writes others with O_DIRECT, truncates and unlinks files so the filesystem
+//!    reuses their blocks, and writes raw bytes to the block device under a cached file: the
+//!    raw write must not reach the restored page cache (the guest's stale page stays stale);
+//!    that stale page, clean to
 //!    the guest but unlike the disk since before tracking was armed, is caught by full
 //!    verification (and, with the dirty log alone, by the restore's hash check, which refuses);
 //! 3. memory pressure that evicts and reuses frames during the scan;
