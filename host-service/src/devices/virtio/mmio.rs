@@ -455,6 +455,13 @@ impl<D: VirtioDevice> MmioTransport<D> {
         }
     }
 
+    /// Tells the driver the device changed its configuration space: a new configuration
+    /// generation, and the configuration-change interrupt.
+    pub fn config_changed(&mut self) {
+        self.config_generation = self.config_generation.wrapping_add(1);
+        self.raise(INT_CONFIG);
+    }
+
     /// Sets interrupt causes and triggers the interrupt line.
     pub fn raise(&mut self, cause: u32) {
         self.interrupt_status |= cause;

@@ -1,9 +1,10 @@
 //! virtio devices: the device-side contract ([`VirtioDevice`]), the virtio-mmio transport
-//! ([`mmio`]) and the devices ([`block`]; [`vsock`] so far its packet format, connection state
-//! machine and hybrid handshake).
+//! ([`mmio`]) and the devices ([`block`], [`vsock`], and [`balloon`] for free-page hints).
 
+pub mod balloon;
 pub mod block;
 pub mod mmio;
+pub mod ranges;
 pub mod vsock;
 
 #[cfg(test)]
@@ -18,7 +19,7 @@ pub const VIRTIO_F_VERSION_1: u64 = 1 << virtio_bindings::virtio_config::VIRTIO_
 
 /// What a virtio device model offers its transport.
 pub trait VirtioDevice {
-    /// The virtio device id (2 for block, 19 for vsock).
+    /// The virtio device id (2 for block, 5 for balloon, 19 for vsock).
     fn device_type(&self) -> u32;
     /// The feature bits the device offers.
     fn avail_features(&self) -> u64;

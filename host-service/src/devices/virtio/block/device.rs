@@ -5,7 +5,6 @@
 //! dirty bitmap (see [`crate::kvm::memory`]). Every sector the guest writes is recorded in a set of
 //! sector ranges that checkpoints fetch and clear.
 
-use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -20,6 +19,7 @@ use vm_memory::{Bytes, GuestAddress};
 use super::preserve::{self, ReferencedBlocks};
 use super::request::{self, MAX_DESCRIPTORS, ParseError, Request, RequestType};
 use super::{ID_BYTES, QUEUE_SIZE, SECTOR_SIZE};
+use crate::devices::virtio::ranges::RangeSet;
 use crate::devices::virtio::{VIRTIO_F_VERSION_1, VirtioDevice, read_config_space};
 use crate::kvm::memory::GuestMemory;
 
@@ -91,44 +91,6 @@ pub struct BlockState {
     pub acked_features: u64,
     /// Sectors written by the guest since the record was last fetched.
     pub written: Vec<SectorRange>,
-}
-
-/// Coalescing set of ranges (of sectors, or bytes for [`super::preserve`]), keyed by start,
-/// valued by end (exclusive).
-#[derive(Clone, Debug, Default)]
-pub(super) struct RangeSet(pub(super) BTreeMap<u64, u64>);
-
-impl RangeSet {
-    pub(super) fn insert(&mut self, start: u64, end: u64) {
-        if start >= end {
-            return;
-        }
-        let (mut start, mut end) = (start, end);
-        // Absorb every range that overlaps or touches [start, end).
-        let touching: Vec<(u64, u64)> = self
-            .0
-            .range(..=end)
-            .rev()
-            .take_while(|&(_, &e)| e >= start)
-            .map(|(&s, &e)| (s, e))
-            .collect();
-        for (s, e) in touching {
-            self.0.remove(&s);
-            start = start.min(s);
-            end = end.max(e);
-        }
-        self.0.insert(start, end);
-    }
-
-    fn ranges(&self) -> Vec<SectorRange> {
-        self.0
-            .iter()
-            .map(|(&start, &end)| SectorRange {
-                start,
-                count: end - start,
-            })
-            .collect()
-    }
 }
 
 /// A virtio-blk device on a raw image file.
@@ -203,7 +165,7 @@ impl Block {
             config: self.config.clone(),
             nsectors: self.nsectors,
             acked_features: self.acked_features,
-            written: self.written.ranges(),
+            written: sector_ranges(&self.written),
         }
     }
 
@@ -220,9 +182,7 @@ impl Block {
     /// Returns the sectors the guest wrote since the last call, coalesced and in order, and
     /// clears the record.
     pub fn take_written_sectors(&mut self) -> Vec<SectorRange> {
-        let ranges = self.written.ranges();
-        self.written = RangeSet::default();
-        ranges
+        sector_ranges(&std::mem::take(&mut self.written))
     }
 
     /// Protects the blocks `refs` lists: before the guest's first write to each, its old bytes
@@ -362,6 +322,15 @@ impl Block {
             Err(ParseError::NoStatus) => 0,
         }
     }
+}
+
+fn sector_ranges(set: &RangeSet) -> Vec<SectorRange> {
+    set.iter()
+        .map(|(start, end)| SectorRange {
+            start,
+            count: end - start,
+        })
+        .collect()
 }
 
 fn status(ok: bool) -> u8 {

@@ -30,10 +30,10 @@ use std::os::unix::fs::{FileExt as _, MetadataExt as _};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 
-use super::device::RangeSet;
 use crate::checkpoint::side_file::{
     BLOCK_SIZE, CheckpointIdentity, SideFileError, SideFileWriter, side_path,
 };
+use crate::devices::virtio::ranges::RangeSet;
 
 /// Why protection of a checkpoint's blocks cannot start.
 #[derive(Debug, thiserror::Error)]
