@@ -236,6 +236,7 @@ mod tests {
                 mem_mib: 64,
                 drives: vec![],
                 vsock: None,
+                balloon: false,
                 console: crate::vmm::config::Console::Off,
             };
             let child = VmmProcess::spawn(&script, &config, None, &paths).expect("spawn");

@@ -314,6 +314,7 @@ mod tests {
                 mem_mib: 256,
                 drives: vec![],
                 vsock: None,
+                balloon: false,
                 console: Console::Off,
             },
             state: VmPhase::Running,

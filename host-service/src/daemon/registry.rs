@@ -360,6 +360,7 @@ impl Registry {
                     uds: paths.vsock.clone(),
                     host_ports: vec![],
                 }),
+                balloon: true,
                 console: Console::File(paths.console.clone()),
             },
             state: VmPhase::Created,

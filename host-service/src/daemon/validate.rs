@@ -194,8 +194,9 @@ pub fn spec(spec: Option<&pb::VmSpec>, host: HostLimits) -> Result<Machine, Erro
             read_only: d.read_only,
         });
     }
-    // One device slot per drive and one for vsock; the memory range is the VMM's.
-    if let Err(e) = Layout::plan(mem_mib, drives.len() + 1) {
+    // One device slot per drive, one for vsock and one for the balloon; the memory range is
+    // the VMM's.
+    if let Err(e) = Layout::plan(mem_mib, drives.len() + 2) {
         let field = match e {
             crate::boot::layout::LayoutError::Memory(_) => "spec.memory_mib",
             crate::boot::layout::LayoutError::TooManyDevices(_) => "spec.drives",

@@ -1,5 +1,5 @@
 //! What one VM is made of, as given on the `ditto-vmm run` command line: kernel, initrd, command
-//! line, vCPUs, memory, drives, vsock, console and control socket. Parsing and the checks that
+//! line, vCPUs, memory, drives, vsock, the free-page balloon, console and control socket. Parsing and the checks that
 //! need no resources live here; everything else (files, memory, KVM) is checked when the VM is
 //! built, before the guest starts.
 //!
@@ -91,6 +91,9 @@ pub struct RunArgs {
     /// Repeatable.
     #[arg(long = "vsock-host-port", requires = "vsock_uds")]
     pub vsock_host_ports: Vec<u32>,
+    /// Leave out the virtio-balloon device (by default the VM has one, for free-page hints).
+    #[arg(long)]
+    pub no_balloon: bool,
     /// The console, control socket and exit file.
     #[command(flatten)]
     pub process: ProcessArgs,
@@ -132,6 +135,7 @@ impl RunArgs {
                     uds,
                     host_ports: self.vsock_host_ports.clone(),
                 }),
+            balloon: !self.no_balloon,
             console: self.process.console.clone(),
         }
     }
@@ -253,6 +257,11 @@ pub struct VmConfig {
     pub drives: Vec<BlockConfig>,
     /// The vsock device, if any.
     pub vsock: Option<VsockConfig>,
+    /// Whether the VM has a virtio-balloon device (free-page hints for checkpoints). On the
+    /// command line it is on unless `--no-balloon`; configurations written before it existed
+    /// read as without one.
+    #[serde(default)]
+    pub balloon: bool,
     /// Where the serial console goes.
     pub console: Console,
 }
@@ -279,8 +288,16 @@ impl VmConfig {
         for drive in &self.drives {
             args.extend(["--drive".into(), drive_spec(drive).into()]);
         }
+        if !self.balloon {
+            args.push("--no-balloon".into());
+        }
         self.push_vsock_and_console_args(&mut args);
         args
+    }
+
+    /// The number of virtio-mmio devices: one per drive, then vsock and the balloon.
+    pub fn virtio_devices(&self) -> usize {
+        self.drives.len() + usize::from(self.vsock.is_some()) + usize::from(self.balloon)
     }
 
     /// The `ditto-vmm restore` arguments (after `--from FILE`) that give a restored VM this
@@ -417,6 +434,7 @@ mod tests {
                 uds: "/run/v.sock".into(),
                 host_ports: vec![5000, 6000],
             }),
+            balloon: true,
             console: Console::File("/run/console.log".into()),
         };
         let argv = std::iter::once(OsString::from("run")).chain(config.run_args());
@@ -427,6 +445,7 @@ mod tests {
             virtio_mmio_cmdline: false,
             drives: vec![],
             vsock: None,
+            balloon: false,
             console: Console::Off,
             ..config
         };
@@ -452,6 +471,7 @@ mod tests {
                 uds: "/tmp/v.sock".into(),
                 host_ports: vec![],
             }),
+            balloon: true,
             console: "stdout".parse().expect("console"),
         };
         assert_eq!(c.validate(), Ok(()));
@@ -471,5 +491,26 @@ mod tests {
             "/tmp/c.log".parse::<Console>(),
             Ok(Console::File("/tmp/c.log".into()))
         );
+    }
+
+    #[test]
+    fn the_balloon_is_on_unless_no_balloon_and_old_configs_have_none() {
+        use clap::Parser;
+        let parse = |extra: &[&str]| {
+            let argv = ["run", "--kernel", "/k", "--drive", "id=a,path=/a"];
+            let argv = argv.iter().chain(extra).copied();
+            Run::try_parse_from(argv).expect("parse").args.config()
+        };
+        let c = parse(&[]);
+        assert!(c.balloon);
+        assert_eq!(c.virtio_devices(), 2);
+        let without = parse(&["--no-balloon"]);
+        assert!(!without.balloon);
+        assert_eq!(without.virtio_devices(), 1);
+        assert!(without.run_args().contains(&OsString::from("--no-balloon")));
+        let mut json = serde_json::to_value(&c).expect("json");
+        json.as_object_mut().expect("object").remove("balloon");
+        let old: VmConfig = serde_json::from_value(json).expect("old config");
+        assert_eq!(old, without);
     }
 }

@@ -1,6 +1,7 @@
 //! The devices of one VM, wired up: the serial console, the power device and the keyboard
-//! controller's reset line on the port I/O bus, one virtio-mmio slot per drive and one for
-//! vsock on the MMIO bus, each interrupt an eventfd registered as a KVM irqfd. The whole set is
+//! controller's reset line on the port I/O bus, one virtio-mmio slot per drive, then one for
+//! vsock and one for the balloon on the MMIO bus, each interrupt an eventfd registered as a KVM
+//! irqfd. The whole set is
 //! captured into and rebuilt from a plain serialisable [`DevicesState`].
 
 use std::fs::OpenOptions;
@@ -17,6 +18,7 @@ use crate::devices::legacy::i8042::{self, KeyboardControllerReset};
 use crate::devices::legacy::power::{self, OnPowerEvent, PowerDevice};
 use crate::devices::legacy::serial::{self, SerialConsole, SerialConsoleState};
 use crate::devices::virtio::VirtioDevice;
+use crate::devices::virtio::balloon::{Balloon, BalloonError, BalloonState};
 use crate::devices::virtio::block::{Block, BlockError, BlockState};
 use crate::devices::virtio::mmio::{MmioError, MmioState, MmioTransport};
 use crate::devices::virtio::vsock::device::{Vsock, VsockState};
@@ -35,6 +37,9 @@ pub enum DevicesError {
     /// A disk cannot be opened.
     #[error(transparent)]
     Block(#[from] BlockError),
+    /// The balloon's state cannot be restored.
+    #[error(transparent)]
+    Balloon(#[from] BalloonError),
     /// A transport cannot be built or restored.
     #[error(transparent)]
     Mmio(#[from] MmioError),
@@ -80,6 +85,9 @@ pub struct DevicesState {
     pub blocks: Vec<(BlockState, MmioState)>,
     /// The vsock device and its transport, if configured.
     pub vsock: Option<(VsockState, MmioState)>,
+    /// The balloon and its transport, if configured (absent in states from before it).
+    #[serde(default)]
+    pub balloon: Option<(BalloonState, MmioState)>,
 }
 
 /// The live devices of one VM.
@@ -90,6 +98,8 @@ pub struct Devices {
     pub blocks: Vec<Shared<Block>>,
     /// The vsock device.
     pub vsock: Option<Shared<Vsock>>,
+    /// The balloon (free-page hints).
+    pub balloon: Option<Shared<Balloon>>,
     /// The buses the vCPUs' exits go to.
     pub buses: Arc<Buses>,
 }
@@ -99,6 +109,7 @@ impl std::fmt::Debug for Devices {
         f.debug_struct("Devices")
             .field("blocks", &self.blocks.len())
             .field("vsock", &self.vsock.is_some())
+            .field("balloon", &self.balloon.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -184,7 +195,8 @@ impl Devices {
 
         if let Some(s) = state
             && (s.blocks.len() != config.drives.len()
-                || s.vsock.is_some() != config.vsock.is_some())
+                || s.vsock.is_some() != config.vsock.is_some()
+                || s.balloon.is_some() != config.balloon)
         {
             return Err(DevicesError::Mismatch("device count"));
         }
@@ -223,12 +235,35 @@ impl Devices {
             }
             None => None,
         };
+        let balloon = if config.balloon {
+            let slot = next_slot()?;
+            let saved = state.and_then(|s| s.balloon.as_ref());
+            let device = match saved {
+                Some((b, _)) => Balloon::restore(b)?,
+                None => Balloon::new(),
+            };
+            Some(attach(vm, &mut buses, slot, device, saved.map(|(_, m)| m))?)
+        } else {
+            None
+        };
         Ok(Self {
             serial,
             blocks,
             vsock,
+            balloon,
             buses: Arc::new(buses),
         })
+    }
+
+    /// What restored devices tell the guest once its vCPUs exist with their restored interrupt
+    /// state: the balloon ends a hinting round the checkpoint caught, so the guest takes its
+    /// hinted blocks back.
+    pub fn resume_after_restore(&self) {
+        if let Some(b) = &self.balloon {
+            b.lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .resume_after_restore();
+        }
     }
 
     /// Captures every device. The vCPUs and the device threads must be paused.
@@ -254,6 +289,32 @@ impl Devices {
                 .map(|b| capture(b, Block::state))
                 .collect(),
             vsock: self.vsock.as_ref().map(|v| capture(v, Vsock::state)),
+            balloon: self.balloon.as_ref().map(|b| capture(b, Balloon::state)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_states_from_before_the_balloon_read_as_without_one() {
+        let serial = SerialConsole::new(
+            Box::new(EventFd::new(0).expect("eventfd")),
+            Box::new(std::io::sink()),
+        );
+        let state = DevicesState {
+            serial: serial.state(),
+            blocks: vec![],
+            vsock: None,
+            balloon: Some((BalloonState::default(), MmioState::default())),
+        };
+        let mut json = serde_json::to_value(&state).expect("json");
+        let back: DevicesState = serde_json::from_value(json.clone()).expect("state");
+        assert_eq!(back, state);
+        json.as_object_mut().expect("object").remove("balloon");
+        let old: DevicesState = serde_json::from_value(json).expect("old state");
+        assert_eq!(old.balloon, None);
     }
 }

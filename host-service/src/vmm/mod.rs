@@ -10,6 +10,7 @@ pub mod config;
 pub mod control;
 pub mod devices;
 pub mod exit_file;
+pub mod free_hints;
 mod omit;
 pub mod preserve;
 pub mod snapshot;
@@ -286,6 +287,7 @@ fn build_from_state(
         vcpu.restore_state(s)?;
         vcpus.push(VcpuSlot::Parked(vcpu));
     }
+    devices.resume_after_restore();
     Ok((vm, devices, vcpus))
 }
 
@@ -309,8 +311,7 @@ impl Vmm {
     pub fn build(config: VmConfig) -> Result<(Self, VmmEvents), VmmError> {
         config.validate()?;
         check_host_memory(config.mem_mib)?;
-        let virtio_devices = config.drives.len() + usize::from(config.vsock.is_some());
-        let layout = Layout::plan(config.mem_mib, virtio_devices)?;
+        let layout = Layout::plan(config.mem_mib, config.virtio_devices())?;
         let mut vm = Vm::new(&layout.memory)?;
         vm.create_irqchip()?;
         let mem = vm.memory().clone();
@@ -621,6 +622,7 @@ mod tests {
             mem_mib,
             drives: vec![],
             vsock: None,
+            balloon: false,
             console: Console::Off,
         }
     }

@@ -182,9 +182,6 @@ impl Vmm {
         }
     }
 
-    /// Lets the guest's balloon driver give back the blocks it holds for a free-page round.
-    pub(super) fn end_free_hinting(&self) {}
-
     /// With the VM paused: gathers what was written since [`arm_tracking`](Self::arm_tracking)
     /// and decides which claimed pages to omit (see [`decide::decide`]).
     pub(super) fn decide_omissions(
