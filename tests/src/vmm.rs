@@ -10,6 +10,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use ditto_host::control::VmmClient;
+use ditto_host::vmm::config::{Console, DEFAULT_CMDLINE, VmConfig, parse_drive};
 use ditto_proto::agent::v1::agent_client::AgentClient;
 use tonic::transport::Channel;
 
@@ -66,6 +67,33 @@ pub enum WaitError {
         /// The console and the VMM's standard error.
         transcript: String,
     },
+}
+
+/// A VM for [`ditto_host::vmm::Vmm::build`] in this process: the guest images of `images`, the
+/// read-only root image, `/bin/sh -c SCRIPT` as init (the script must not contain a double
+/// quote), the console in the file `console`, and the default devices (a balloon, no vsock).
+pub fn shell_guest_config(
+    images: &Path,
+    console: &Path,
+    vcpus: u8,
+    mem_mib: u64,
+    script: &str,
+) -> VmConfig {
+    let root = format!("id=root,path={},ro", images.join("rootfs.ext4").display());
+    VmConfig {
+        kernel: images.join("vmlinuz"),
+        initrd: Some(images.join("initramfs.img")),
+        cmdline: format!(
+            "{DEFAULT_CMDLINE} quiet root=/dev/vda ro init=/bin/sh -- -c \"{script}\""
+        ),
+        virtio_mmio_cmdline: false,
+        vcpus,
+        mem_mib,
+        drives: vec![parse_drive(&root).expect("the root drive parses")],
+        vsock: None,
+        balloon: true,
+        console: Console::File(console.to_owned()),
+    }
 }
 
 /// A `ditto-vmm run` process, killed when dropped.

@@ -9,13 +9,12 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use ditto_host::control::{VmState, VmmClient};
-use ditto_host::vmm::config::{Console, DEFAULT_CMDLINE, VmConfig};
 use ditto_host::vmm::{ExitReason, Vmm, VmmState};
 use ditto_proto::agent::v1::{ExecRequest, InfoRequest, ScanRequest, scan_chunk};
 use ditto_tests::microvm::images_dir;
 use ditto_tests::vmm::{
     AGENT_PORT, AgentGuest, VmmProcess, agent_over_control_tunnel, agent_over_hybrid_vsock,
-    spawn_agent_guest,
+    shell_guest_config, spawn_agent_guest,
 };
 
 const BOOT: Duration = Duration::from_secs(180);
@@ -246,26 +245,15 @@ fn captured_state_rebuilds_a_vm_that_continues() {
     let images = images_dir().expect("images");
     let dir = tempfile::tempdir().expect("tmp");
     let console = dir.path().join("console.log");
-    let config = VmConfig {
-        kernel: images.join("vmlinuz"),
-        initrd: Some(images.join("initramfs.img")),
-        cmdline: format!(
-            "{DEFAULT_CMDLINE} quiet root=/dev/vda ro init=/bin/sh -- -c \"mount -t proc proc \
-             /proc; while true; do echo tick $(cut -d. -f1 /proc/uptime); sleep 0.3; done\""
-        ),
-        virtio_mmio_cmdline: false,
-        vcpus: 2,
-        mem_mib: 256,
-        drives: vec![
-            ditto_host::vmm::config::parse_drive(&format!(
-                "id=root,path={},ro",
-                images.join("rootfs.ext4").display()
-            ))
-            .expect("drive"),
-        ],
-        vsock: None,
-        console: Console::File(console.clone()),
-    };
+    // With the default devices, the balloon included, through capture and rebuild.
+    let config = shell_guest_config(
+        &images,
+        &console,
+        2,
+        256,
+        "mount -t proc proc /proc; while true; do echo tick $(cut -d. -f1 /proc/uptime); \
+         sleep 0.3; done",
+    );
     let (mut vmm, events) = Vmm::build(config).expect("build");
     vmm.start().expect("start");
     let ticks = || {
