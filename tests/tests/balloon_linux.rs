@@ -143,7 +143,7 @@ fn an_idle_linux_guest_hints_most_of_its_memory_free_and_gets_it_back() {
     );
     if let Some(line) = console_text(&console)
         .lines()
-        .find(|l| l.contains("mem auto-init"))
+        .find(|l| l.contains("mem auto-init:"))
     {
         println!("guest: {}", line.trim());
     }
