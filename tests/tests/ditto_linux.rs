@@ -35,7 +35,7 @@ use ditto_host::control::{AfterCheckpoint, CheckpointResult, CheckpointSpec, Vmm
 use ditto_host::omission::{Mode, OmissionReport, Verification};
 use ditto_proto::agent::v1::agent_client::AgentClient;
 use ditto_tests::microvm::images_dir;
-use ditto_tests::vmm::{TestVm, sparse_copy};
+use ditto_tests::vmm::{AGENT_PORT, TestVm, sparse_copy};
 use ditto_tests::workload::{CONTROL, WORKLOAD, count, sh, verify};
 use serde_json::Value;
 use tonic::transport::Channel;
@@ -199,7 +199,7 @@ async fn restore_and_check(
         restored.disk.as_millis(),
         restored.total.as_millis()
     );
-    let mut agent = vm.agent().await;
+    let mut agent = agent_when_up(&vm).await;
     if !first.is_empty() {
         sh(&mut agent, first).await;
     }
@@ -214,6 +214,26 @@ async fn restore_and_check(
         out.trim()
     );
     (vm, agent)
+}
+
+/// The guest agent of a restored VM, waiting up to 30 s for it: a guest checkpointed while its
+/// agent was dead gets it back when busybox init starts it again.
+async fn agent_when_up(vm: &TestVm) -> AgentClient<Channel> {
+    vm.control().await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match ditto_host::agent::connect(&vm.uds, AGENT_PORT, Duration::from_secs(5)).await {
+            Ok(c) => return c.max_decoding_message_size(ditto_host::agent::MAX_REPLY_BYTES),
+            Err(e) if Instant::now() < deadline => {
+                let _ = e;
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => panic!(
+                "the restored guest's agent: {e}\n{}",
+                vm.process.transcript()
+            ),
+        }
+    }
 }
 
 /// The byte offset on the root disk of the first cached page of /data/raw/r1, from the
