@@ -115,9 +115,42 @@ impl Vmm {
         }
     }
 
-    fn free_hints(&self, _timeout: Duration, report: &mut OmissionReport) -> Vec<FreeRange> {
-        report.degrade("the VM has no balloon device; free pages are saved");
-        Vec::new()
+    /// One free-page round of the balloon within `timeout` ([`Vmm::hint_free_pages`]); the
+    /// guest holds the hinted blocks until [`Vmm::end_free_hinting`].
+    fn free_hints(&self, timeout: Duration, report: &mut OmissionReport) -> Vec<FreeRange> {
+        let hints = match self.hint_free_pages(timeout) {
+            Ok(Some(hints)) => hints,
+            Ok(None) if self.devices.balloon.is_none() => {
+                report.degrade("the VM has no balloon device; free pages are saved");
+                return Vec::new();
+            }
+            Ok(None) => {
+                report.degrade(
+                    "the guest's balloon driver does not take free-page hints (not loaded); \
+                     free pages are saved",
+                );
+                return Vec::new();
+            }
+            Err(e) => {
+                report.degrade(format!("{e}; free pages are saved"));
+                return Vec::new();
+            }
+        };
+        if !hints.complete {
+            report.degrade(format!(
+                "the guest's balloon driver did not finish its free-page round within \
+                 {timeout:?}; only the {} pages it hinted so far may be free",
+                hints.pages
+            ));
+        }
+        hints
+            .ranges
+            .iter()
+            .map(|r| FreeRange {
+                first: r.first,
+                pages: r.count,
+            })
+            .collect()
     }
 
     /// While the guest runs: validates the agent's extents, compares them with the drives as
