@@ -18,8 +18,10 @@ use crate::microvm::images_dir;
 use crate::workload::sh;
 
 pub use ditto_host::agent::AGENT_PORT;
-/// The command line every test guest gets before its own part.
-pub const BASE_CMDLINE: &str = "console=ttyS0 quiet panic=-1 pci=off root=/dev/vda";
+/// The command line every test guest gets before its own part (`init_on_alloc=0` so that free
+/// pages the balloon hints are not written by the guest's allocator; see
+/// `ditto_host::vmm::config::DEFAULT_CMDLINE`).
+pub const BASE_CMDLINE: &str = "console=ttyS0 quiet panic=-1 pci=off init_on_alloc=0 root=/dev/vda";
 
 /// Copies the image at `src` to `dst`, leaving all-zero MiBs as holes (the test images are
 /// mostly empty, and the box keeps `/tmp` in RAM).
