@@ -332,6 +332,7 @@ fn ditto_checkpoints_never_restore_wrong_memory() {
             let (vm, _agent) =
                 restore_and_check(work, "quiet", &file1, &disk1, 4, "", "/data /usr /etc").await;
             drop(vm);
+            discard(&[&disk1]);
         }
 
         // 2. Writes of every kind during the checkpoint.
@@ -384,6 +385,7 @@ fn ditto_checkpoints_never_restore_wrong_memory() {
             assert_eq!(code, 0);
             assert_eq!(now, stale, "the restored page cache of r1 is the guest's");
             drop(vm);
+            discard(&[&file2, &disk2]);
         }
         sh(&mut agent, &stop("disturb")).await;
 
@@ -406,6 +408,7 @@ fn ditto_checkpoints_never_restore_wrong_memory() {
             let (vm, _clone) =
                 restore_and_check(work, "stale-full", &file2b, &disk2b, 12, "", AFTER_RAW).await;
             drop(vm);
+            discard(&[&file2b, &disk2b]);
         }
         // With the dirty log alone the stale page is referenced; the restore's hash check
         // refuses the checkpoint rather than give the guest the disk's bytes.
@@ -419,6 +422,7 @@ fn ditto_checkpoints_never_restore_wrong_memory() {
         )
         .await;
         refused(work, "stale-unverified", &file2c, &disk2c, 13);
+        discard(&[&file2c, &disk2c]);
         // The page cache agrees with the disk again.
         sh(&mut agent, "sync; echo 3 > /proc/sys/vm/drop_caches").await;
 
@@ -449,6 +453,7 @@ fn ditto_checkpoints_never_restore_wrong_memory() {
             )
             .await;
             drop(vm);
+            discard(&[&file3, &disk3]);
         }
         sh(&mut agent, &stop("pressure")).await;
 
@@ -476,6 +481,7 @@ fn ditto_checkpoints_never_restore_wrong_memory() {
             let (vm, _clone) =
                 restore_and_check(work, "killed", &file4, &disk4, 7, "", AFTER_RAW).await;
             drop(vm);
+            discard(&[&file4, &disk4]);
         }
 
         // 4b. A scan that cannot finish in time.
@@ -534,6 +540,7 @@ fn ditto_checkpoints_never_restore_wrong_memory() {
             let (vm, _clone) =
                 restore_and_check(work, "liar-sampled", &file5, &disk5, 8, "", AFTER_RAW).await;
             drop(vm);
+            discard(&[&file5, &disk5]);
         }
         let (r5b, file5b, disk5b) = ditto(
             &control,
@@ -546,6 +553,7 @@ fn ditto_checkpoints_never_restore_wrong_memory() {
         .await;
         assert!(r5b.pages_disk > 0, "unverified, the lie is taken: {r5b:?}");
         refused(work, "liar-unverified", &file5b, &disk5b, 9);
+        discard(&[&file5b, &disk5b]);
 
         // 6. The drive copy of round 1 changed behind ditto's back.
         let tampered = ckpts.join("quiet-tampered.ext4");
@@ -637,6 +645,13 @@ fn ditto_checkpoints_never_restore_wrong_memory() {
         }
     });
     drop(original);
+}
+
+/// Removes the files of a finished round (the box keeps /tmp in RAM).
+fn discard(files: &[&Path]) {
+    for f in files {
+        let _ = std::fs::remove_file(f);
+    }
 }
 
 /// A restore of `file` on `disk` must fail before any guest runs, naming the hash check.
