@@ -4,7 +4,7 @@
 //! [`super`]). Nothing here trusts the guest: every claim is checked against the VMM's own
 //! facts, and a refused claim only means the page is saved.
 
-use crate::checkpoint::{PageClass, PageExtent};
+use crate::checkpoint::{DriveInfo, PageClass, PageExtent};
 use crate::devices::virtio::block::SectorRange;
 use crate::kvm::PAGE_SIZE;
 use crate::kvm::dirty::WrittenPages;
@@ -16,15 +16,6 @@ use super::{OmissionReport, Verification};
 
 const SECTOR: u64 = 512;
 const SECTORS_PER_PAGE: u64 = PAGE_SIZE / SECTOR;
-
-/// A drive of the VM as the VMM knows it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Drive {
-    /// Its id (the virtio-blk serial the guest sees).
-    pub id: String,
-    /// Its size in bytes.
-    pub size: u64,
-}
 
 /// What the VMM knows for sure, gathered at the pause.
 #[derive(Clone, Copy, Debug)]
@@ -80,7 +71,7 @@ pub enum Comparison {
 /// documentation), as sorted runs that never overlap. Refusals are counted in `report`.
 pub fn validate_report(
     layout: &MemoryLayout,
-    drives: &[Drive],
+    drives: &[DriveInfo],
     agent: &AgentReport,
     report: &mut OmissionReport,
 ) -> Vec<CacheRun> {
@@ -219,7 +210,7 @@ pub fn decide(
     out
 }
 
-/// The region of RAM holding frames `gfn..gfn + pages`, as `(first, end)` frames, if one does.
+/// Whether one region of guest RAM holds all of frames `gfn..gfn + pages`.
 fn ram_holds(layout: &MemoryLayout, gfn: u64, pages: u64) -> bool {
     let Some(end) = gfn.checked_add(pages) else {
         return false;
@@ -311,7 +302,7 @@ fn disk_written(ranges: &[SectorRange], first: u64, end: u64) -> bool {
 /// Validation of one claimed extent: the drive it names, or why it is refused.
 fn validate(
     layout: &MemoryLayout,
-    drives: &[Drive],
+    drives: &[DriveInfo],
     agent: &AgentReport,
     e: &ClaimedExtent,
 ) -> Result<usize, String> {
@@ -437,7 +428,7 @@ mod tests {
 
     struct Env {
         layout: MemoryLayout,
-        drives: Vec<Drive>,
+        drives: Vec<DriveInfo>,
         written: WrittenPages,
         disk_written: Vec<Vec<SectorRange>>,
     }
@@ -450,11 +441,11 @@ mod tests {
             Self {
                 layout: MemoryLayout::single(RAM_PAGES * PAGE_SIZE),
                 drives: vec![
-                    Drive {
+                    DriveInfo {
                         id: "root".into(),
                         size: 1 << 20,
                     },
-                    Drive {
+                    DriveInfo {
                         id: "data".into(),
                         size: 64 * PAGE_SIZE,
                     },

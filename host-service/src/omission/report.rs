@@ -213,11 +213,6 @@ impl Collector {
         }
         Ok(self.report)
     }
-
-    /// Pages the extents taken so far claim.
-    pub fn pages(&self) -> u64 {
-        self.pages
-    }
 }
 
 #[cfg(test)]
@@ -267,7 +262,7 @@ mod tests {
         c.take(extents(&[(1, 2), (10, 3)])).unwrap();
         c.take(extents(&[(20, 1)])).unwrap();
         c.take(summary()).unwrap();
-        assert_eq!(c.pages(), 6);
+        assert_eq!(c.pages, 6);
         let r = c.finish().unwrap();
         assert_eq!(r.disks, ["root"]);
         assert_eq!(r.extents.len(), 3);

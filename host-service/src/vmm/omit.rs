@@ -13,7 +13,7 @@ use crate::checkpoint::PageExtent;
 use crate::checkpoint::PageHashes;
 use crate::kvm::PAGE_SIZE;
 use crate::kvm::memory::MemoryLayout;
-use crate::omission::decide::{self, CacheRun, Comparison, Drive, Facts, FreeRange};
+use crate::omission::decide::{self, CacheRun, Comparison, Facts, FreeRange};
 use crate::omission::report::{self, AgentReport};
 use crate::omission::verify::{MemoryAndDrives, page_hashes};
 use crate::omission::{OmissionReport, Verification, micros};
@@ -164,7 +164,7 @@ impl Vmm {
     ) {
         let t = Instant::now();
         let layout = MemoryLayout::of(self.vm.memory());
-        claims.cache = decide::validate_report(&layout, &self.drives(), agent, report);
+        claims.cache = decide::validate_report(&layout, &self.drive_table(), agent, report);
         let files = if policy == Verification::DirtyLog {
             Vec::new()
         } else {
@@ -176,21 +176,6 @@ impl Vmm {
         claims.hashes = page_hashes(self.vm.memory(), &claims.cache, hash_threads());
         tracing::debug!(?compared, hashed = ?t.elapsed() - compared, pages = claims.hashes.len(),
             "reported pages examined while the guest runs");
-    }
-
-    /// The drives as the decision knows them, in drive-table order.
-    fn drives(&self) -> Vec<Drive> {
-        self.devices
-            .blocks
-            .iter()
-            .map(|b| {
-                let t = lock(b);
-                Drive {
-                    id: t.device().config().id.clone(),
-                    size: t.device().nsectors() * 512,
-                }
-            })
-            .collect()
     }
 
     /// Each drive image opened for reading; empty when one cannot be opened (every comparison

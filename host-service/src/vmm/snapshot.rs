@@ -22,10 +22,9 @@ use vm_memory::GuestMemoryBackend as _;
 
 use super::config::Console;
 use super::devices::DevicesError;
-use super::omit::{Claims, DEFAULT_SCAN_TIMEOUT};
+use super::omit::Claims;
 use super::preserve::disk_ranges;
 use super::{RunState, Vmm, VmmError, VmmEvents, VmmState};
-use crate::agent::AGENT_PORT;
 use crate::checkpoint::{
     CheckpointReader, CheckpointWriter, DriveInfo, PageHashes, ReadError, SideFileError,
     WriteError, WriteOptions, WriteStats,
@@ -102,22 +101,6 @@ pub struct CheckpointOptions {
     pub agent_port: u32,
 }
 
-impl CheckpointOptions {
-    /// A full checkpoint to `path` with the default write options.
-    pub fn full(path: PathBuf, after: After) -> Self {
-        Self {
-            path,
-            after,
-            write: WriteOptions::default(),
-            mode: Mode::Full,
-            verification: Verification::DirtyLog,
-            scan_timeout: DEFAULT_SCAN_TIMEOUT,
-            drive_copies: Vec::new(),
-            agent_port: AGENT_PORT,
-        }
-    }
-}
-
 /// A written checkpoint.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CheckpointReport {
@@ -163,7 +146,7 @@ fn restore_threads() -> usize {
 
 impl Vmm {
     /// The drive table of a checkpoint of this VM: each drive's id and the size the guest sees.
-    fn drive_table(&self) -> Vec<DriveInfo> {
+    pub(super) fn drive_table(&self) -> Vec<DriveInfo> {
         self.devices
             .blocks
             .iter()
