@@ -3,6 +3,7 @@
 //! ext4, the local /dev/kvm), then the end-to-end tests inside the KVM test box.
 
 use std::process::Command;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
@@ -16,6 +17,10 @@ const E2E_PACKAGE: &str = "ditto-tests";
 /// Memory of the box for the end-to-end tests: the checkpoint tests run a 1 GiB guest, then
 /// two clones of it at once, with their checkpoint files in the box's RAM-backed /tmp.
 const E2E_BOX_MEM_MIB: u64 = 6144;
+
+/// How often one end-to-end test executable is started when the box's kernel keeps dying
+/// under it.
+const BOX_ATTEMPTS: u32 = 3;
 
 /// End-to-end test targets named so run on this host (they boot guests under QEMU); all others
 /// run inside the KVM test box.
@@ -76,30 +81,74 @@ pub fn run(args: &TestArgs) -> Result<()> {
         Ok(())
     })?;
     step("end-to-end tests in the KVM test box", || {
-        let mut script = String::from("status=0\n");
+        let deadline = Instant::now() + Duration::from_secs(args.box_timeout);
+        let mut failed = Vec::new();
+        let mut reruns = Vec::new();
         for test in &in_box {
-            let exe = testbox::shell_quote(&test.executable);
-            script.push_str(&format!(
-                "echo 'box: running {}'\n{exe} --include-ignored --test-threads=1 || status=1\n",
-                test.name
-            ));
+            match run_in_box(test, deadline, &mut reruns)? {
+                0 => {}
+                _ => failed.push(test.name.as_str()),
+            }
         }
-        script.push_str("exit $status\n");
-        let code = testbox::run(&BoxArgs {
-            forwards: Vec::new(),
-            shares: Vec::new(),
-            mem_mib: E2E_BOX_MEM_MIB,
-            native: false,
-            timeout: args.box_timeout,
-            command: vec!["sh".into(), "-c".into(), script],
-        })?;
-        if code != 0 {
-            bail!("the end-to-end tests failed in the box (status {code})");
+        if !reruns.is_empty() {
+            println!(
+                "box: the box's kernel panicked {} time(s) and the test ran again in a fresh box: {}",
+                reruns.len(),
+                reruns.join(", ")
+            );
+        }
+        if !failed.is_empty() {
+            bail!("end-to-end tests failed in the box: {}", failed.join(", "));
         }
         Ok(())
     })?;
     println!("xtask test: all steps passed");
     Ok(())
+}
+
+/// Runs one end-to-end test executable in a fresh box and returns its exit status. When the
+/// box's own kernel dies under it (`testbox::KernelPanicked`, a defect of the emulator, not of
+/// the test), the whole executable runs again in a new box, at most `BOX_ATTEMPTS` times in
+/// all; each such rerun is named in `reruns`. A test that fails is never run again.
+fn run_in_box(test: &TestExecutable, deadline: Instant, reruns: &mut Vec<String>) -> Result<i32> {
+    let exe = testbox::shell_quote(&test.executable);
+    let mut attempt = 1;
+    loop {
+        println!(
+            "box: running {} (attempt {attempt} of {BOX_ATTEMPTS})",
+            test.name
+        );
+        let left = deadline.saturating_duration_since(Instant::now()).as_secs();
+        if left == 0 {
+            bail!("no time left in the box's budget for {}", test.name);
+        }
+        let outcome = testbox::run(&BoxArgs {
+            forwards: Vec::new(),
+            shares: Vec::new(),
+            mem_mib: E2E_BOX_MEM_MIB,
+            native: false,
+            timeout: left,
+            command: vec![
+                "sh".into(),
+                "-c".into(),
+                format!("exec {exe} --include-ignored --test-threads=1"),
+            ],
+        });
+        match outcome {
+            Ok(code) => return Ok(code),
+            Err(e) => match e.downcast_ref::<testbox::KernelPanicked>() {
+                Some(panic) if attempt < BOX_ATTEMPTS => {
+                    println!(
+                        "box: {} did not finish: {panic}\nbox: running {} again in a fresh box",
+                        test.name, test.name
+                    );
+                    reruns.push(format!("{} (attempt {attempt})", test.name));
+                    attempt += 1;
+                }
+                _ => return Err(e.context(format!("end-to-end test {}", test.name))),
+            },
+        }
+    }
 }
 
 fn step<T>(name: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
