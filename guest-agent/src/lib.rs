@@ -10,6 +10,7 @@ pub mod census;
 pub mod disks;
 pub mod exec;
 pub mod extents;
+pub mod fault;
 pub mod fiemap;
 pub mod frames;
 pub mod listen;

@@ -4,10 +4,14 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::str::FromStr;
 
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_stream::Stream;
 use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
 use tonic::transport::Server;
+use tonic::transport::server::Connected;
 
 use crate::DEFAULT_VSOCK_PORT;
+use crate::fault::{self, Fault};
 use crate::service::{AgentServer, AgentService};
 
 /// What can go wrong while listening.
@@ -93,7 +97,6 @@ pub async fn serve(
         addr: addr.to_string(),
         source,
     };
-    let router = Server::builder().add_service(AgentServer::new(service));
     match addr {
         ListenAddr::Vsock(port) => {
             let listener = tokio_vsock::VsockListener::bind(tokio_vsock::VsockAddr::new(
@@ -102,9 +105,7 @@ pub async fn serve(
             ))
             .map_err(bind_error)?;
             announce(addr);
-            router
-                .serve_with_incoming_shutdown(listener.incoming(), shutdown)
-                .await?
+            serve_on(listener.incoming(), service, shutdown).await
         }
         ListenAddr::Unix(path) => {
             // A socket left by an earlier run would make bind fail.
@@ -115,20 +116,38 @@ pub async fn serve(
             }
             let listener = tokio::net::UnixListener::bind(path).map_err(bind_error)?;
             announce(addr);
-            router
-                .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
-                .await?
+            serve_on(UnixListenerStream::new(listener), service, shutdown).await
         }
         ListenAddr::Tcp(sock) => {
             let listener = tokio::net::TcpListener::bind(sock)
                 .await
                 .map_err(bind_error)?;
             announce(addr);
-            router
-                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
-                .await?
+            serve_on(TcpListenerStream::new(listener), service, shutdown).await
         }
     }
+}
+
+/// Serves the connections `incoming` yields: gRPC, or junk when the service is to inject
+/// [`Fault::Garbage`].
+async fn serve_on<S, IO>(
+    incoming: S,
+    service: AgentService,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ListenError>
+where
+    S: Stream<Item = std::io::Result<IO>>,
+    IO: AsyncRead + AsyncWrite + Connected + Unpin + Send + 'static,
+    IO::ConnectInfo: Clone + Send + Sync + 'static,
+{
+    if service.fault() == Some(Fault::Garbage) {
+        fault::answer_with_garbage(incoming, shutdown).await;
+        return Ok(());
+    }
+    Server::builder()
+        .add_service(AgentServer::new(service))
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await?;
     Ok(())
 }
 

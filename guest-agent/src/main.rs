@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use ditto_agent::fault::Fault;
 use ditto_agent::frames::{FrameReader, PAGE_SIZE};
 use ditto_agent::listen::{self, ListenAddr};
 use ditto_agent::report::JsonReport;
@@ -33,10 +34,11 @@ enum Command {
         /// Treat loop devices as disks (for hosts that are not ditto guests, such as tests).
         #[arg(long)]
         include_loop_devices: bool,
-        /// Fault injection for testing hosts: add this many bytes to every reported disk
-        /// offset, so the report lies. Never use it in a real guest.
-        #[arg(long, hide = true, value_name = "BYTES", default_value_t = 0)]
-        misreport_offsets: u64,
+        /// Fault injection for testing hosts: misreport-offsets=BYTES, extents-first,
+        /// oversized, flood, stall or garbage (see the `fault` module). Never use it in a real
+        /// guest.
+        #[arg(long, hide = true, value_name = "KIND")]
+        fault: Option<Fault>,
     },
     /// Scan once and print a summary, or the whole report as JSON.
     Scan {
@@ -74,10 +76,10 @@ fn main() -> anyhow::Result<()> {
             listen,
             no_exec,
             include_loop_devices,
-            misreport_offsets,
+            fault,
         } => serve(
             &listen,
-            AgentService::new(!no_exec, include_loop_devices).misreporting(misreport_offsets),
+            AgentService::new(!no_exec, include_loop_devices).with_fault(fault),
         ),
         Command::Scan {
             paths,

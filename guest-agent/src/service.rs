@@ -11,6 +11,7 @@ use tonic::{Request, Response, Status};
 
 use crate::census;
 use crate::exec::{self, ExecError, ExecRequest};
+use crate::fault::Fault;
 use crate::frames::{FrameReader, PAGE_SIZE};
 use crate::scan::{self, ScanError, ScanEvent, ScanOptions, Summary};
 
@@ -21,7 +22,7 @@ pub use pb::agent_server::AgentServer;
 pub struct AgentService {
     exec_enabled: bool,
     include_loop_devices: bool,
-    misreport_offsets: u64,
+    fault: Option<Fault>,
     scans: Arc<Semaphore>,
 }
 
@@ -31,16 +32,20 @@ impl AgentService {
         Self {
             exec_enabled,
             include_loop_devices,
-            misreport_offsets: 0,
+            fault: None,
             scans: Arc::new(Semaphore::new(1)),
         }
     }
 
-    /// Fault injection for testing hosts: every reported disk offset is `bytes` too far, so
-    /// the report lies (0: the truth).
-    pub fn misreporting(mut self, bytes: u64) -> Self {
-        self.misreport_offsets = bytes;
+    /// Fault injection for testing hosts: the service misbehaves as `fault` says.
+    pub fn with_fault(mut self, fault: Option<Fault>) -> Self {
+        self.fault = fault;
         self
+    }
+
+    /// The fault this service injects, if any.
+    pub fn fault(&self) -> Option<Fault> {
+        self.fault
     }
 }
 
@@ -139,6 +144,14 @@ impl pb::agent_server::Agent for AgentService {
             .clone()
             .try_acquire_owned()
             .map_err(|_| Status::resource_exhausted("a scan is already running"))?;
+        let (tx, rx) = mpsc::channel(4);
+        if let Some(fault) = self.fault.filter(|f| f.replaces_scan()) {
+            tokio::spawn(async move {
+                let _permit = permit;
+                fault.send_stream(tx).await;
+            });
+            return Ok(Response::new(ReceiverStream::new(rx)));
+        }
         let request = request.into_inner();
         let options = ScanOptions {
             paths: request.paths.iter().map(Into::into).collect(),
@@ -147,8 +160,7 @@ impl pb::agent_server::Agent for AgentService {
             include_loop_devices: self.include_loop_devices,
             after_mincore: None,
         };
-        let skew = self.misreport_offsets;
-        let (tx, rx) = mpsc::channel(4);
+        let skew = self.fault.map_or(0, Fault::offset_skew);
         tokio::task::spawn_blocking(move || {
             let _permit = permit;
             let result = scan::scan(&options, |event| {

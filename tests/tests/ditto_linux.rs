@@ -513,7 +513,7 @@ fn ditto_checkpoints_never_restore_wrong_memory() {
         let (code, out) = sh(
             &mut agent,
             &format!(
-                "setsid ditto-agent serve --listen vsock:{LIAR_PORT} --misreport-offsets 4096 \
+                "setsid ditto-agent serve --listen vsock:{LIAR_PORT} --fault misreport-offsets=4096 \
                  </dev/null >/dev/null 2>&1 & sleep 2"
             ),
         )
