@@ -12,6 +12,7 @@ pub mod dittod;
 pub mod fixture;
 pub mod microvm;
 pub mod payload;
+pub mod rounds;
 pub mod scenario;
 pub mod vmm;
 pub mod workload;

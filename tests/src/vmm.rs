@@ -353,6 +353,17 @@ impl TestVm {
 
     /// Boots the image on `root` with a vsock `cid` and `mem_mib` of RAM, one vCPU.
     pub fn boot(dir: &Path, root: &Path, cid: u32, mem_mib: u64) -> Self {
+        Self::boot_with_cmdline(dir, root, cid, mem_mib, "rw")
+    }
+
+    /// [`TestVm::boot`] with `cmdline` after [`BASE_CMDLINE`] (which `boot` gives `rw`).
+    pub fn boot_with_cmdline(
+        dir: &Path,
+        root: &Path,
+        cid: u32,
+        mem_mib: u64,
+        cmdline: &str,
+    ) -> Self {
         let (uds, control, mut args) = Self::sockets(dir, cid);
         args.extend([
             "--vcpus".into(),
@@ -365,7 +376,7 @@ impl TestVm {
             &images_dir().expect("images"),
             &format!("id=root,path={}", root.display()),
             dir,
-            "rw",
+            cmdline,
             &args,
         );
         Self {

@@ -48,13 +48,14 @@ pub async fn try_sh(
     Ok((reply.exit_code, stdout))
 }
 
+/// The shell command of [`verify`].
+pub fn verify_command() -> String {
+    format!("{WORKLOAD} verify --json --control {CONTROL}")
+}
+
 /// `ditto-workload verify --json` in the guest: the exit code and the report.
 pub async fn verify(agent: &mut AgentClient<Channel>) -> (i32, Value) {
-    let (code, out) = sh(
-        agent,
-        &format!("{WORKLOAD} verify --json --control {CONTROL}"),
-    )
-    .await;
+    let (code, out) = sh(agent, &verify_command()).await;
     let report = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
     (code, report)
 }

@@ -29,14 +29,15 @@
 //!    with the old bytes; deleting a checkpoint ends the preserving.
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use ditto_host::control::{AfterCheckpoint, CheckpointResult, CheckpointSpec, VmmClient};
-use ditto_host::omission::{Mode, OmissionReport, Verification};
+use ditto_host::omission::{Mode, Verification};
 use ditto_proto::agent::v1::agent_client::AgentClient;
 use ditto_tests::microvm::images_dir;
-use ditto_tests::vmm::{AGENT_PORT, TestVm, sparse_copy};
-use ditto_tests::workload::{CONTROL, WORKLOAD, count, sh, verify};
+use ditto_tests::rounds::{Guest, Take, agent_degradations, discard, refused};
+use ditto_tests::vmm::{TestVm, sparse_copy};
+use ditto_tests::workload::{CONTROL, WORKLOAD, count, sh};
 use serde_json::Value;
 use tonic::transport::Channel;
 
@@ -95,17 +96,11 @@ while now=$(cpu); do
   usleep 10000
 done"#;
 
-/// A shell check that the page cache agrees with the disk under `dirs`: the hashes through the
-/// cache (after `sync` wrote every dirty page back) equal those read after dropping the cache.
-fn coherence_check(dirs: &str) -> String {
-    format!(
-        "sync; find {dirs} -type f | sort | xargs sha256sum > /tmp/cached; \
-         echo 3 > /proc/sys/vm/drop_caches; \
-         find {dirs} -type f | sort | xargs sha256sum > /tmp/ondisk; \
-         if cmp -s /tmp/cached /tmp/ondisk; then wc -l < /tmp/cached; \
-         else diff /tmp/cached /tmp/ondisk; exit 1; fi"
-    )
-}
+/// The guest of every round.
+const GUEST: Guest = Guest {
+    mem_mib: MEM_MIB,
+    files: FILES,
+};
 
 /// A ditto checkpoint of the running VM into `dir/NAME.ditto`, its root disk copied to
 /// `dir/NAME.ext4` while paused.
@@ -117,123 +112,13 @@ async fn ditto(
     agent_port: Option<u32>,
     scan_timeout: Option<Duration>,
 ) -> (CheckpointResult, PathBuf, PathBuf) {
-    let (file, disk) = (
-        dir.join(format!("{name}.ditto")),
-        dir.join(format!("{name}.ext4")),
-    );
-    let result = control
-        .checkpoint(CheckpointSpec {
-            path: file.clone(),
-            after: AfterCheckpoint::Resume,
-            mode: Mode::Ditto,
-            verification,
-            scan_timeout,
-            agent_port,
-            drive_copies: vec![("root".into(), disk.clone())],
-            ..Default::default()
-        })
-        .await
-        .unwrap_or_else(|e| panic!("{name}: checkpoint: {e}"));
-    let o = result.omission.clone().expect("a ditto checkpoint reports");
-    println!(
-        "measured: round {name}: {} MiB stored, pause {} ms (drive copy {} ms), scan {} ms; \
-         pages: {} saved, {} zero, {} on disk, {} free; reported {} cache; rejected: guest \
-         write {}, VMM write {}, disk write {}, validation {}, verification {}; verified {} \
-         ({} differing); degraded: {:?}",
-        result.stored_bytes >> 20,
-        result.pause.as_millis(),
-        result.drive_copy.as_millis(),
-        o.scan_us / 1000,
-        result.pages_saved,
-        result.pages_zero,
-        result.pages_disk,
-        result.pages_free,
-        o.pages_reported_cache,
-        o.rejected_guest_write,
-        o.rejected_vmm_write,
-        o.rejected_disk_write,
-        o.rejected_validation,
-        o.rejected_verification,
-        o.pages_verified,
-        o.pages_mismatched,
-        o.degraded
-    );
-    assert_eq!(
-        result.pages_saved + result.pages_zero + result.pages_disk + result.pages_free,
-        MEM_MIB * 256,
-        "{name}: every page is accounted for"
-    );
-    assert_eq!(o.pages_omitted_cache, result.pages_disk, "{name}");
-    (result, file, disk)
-}
-
-/// Degradations other than the balloon's (which the guest may lack).
-fn agent_degradations(o: &OmissionReport) -> Vec<&String> {
-    o.degraded
-        .iter()
-        .filter(|d| !d.contains("balloon"))
-        .collect()
-}
-
-/// Restores `file` on `disk` with `cid` in `dir/name`, and checks the guest: the workload
-/// verifies every page and file, and the page cache under `coherent_dirs` agrees with the disk.
-/// Runs `first` in the guest before the checks (to stop loops the checkpoint caught running).
-async fn restore_and_check(
-    work: &Path,
-    name: &str,
-    file: &Path,
-    disk: &Path,
-    cid: u32,
-    first: &str,
-    coherent_dirs: &str,
-) -> (TestVm, AgentClient<Channel>) {
-    let dir = work.join(name);
-    std::fs::create_dir_all(&dir).expect("mkdir");
-    let vm = TestVm::restore(file, &dir, Some(disk), cid);
-    let status = vm.control().await.status().await.expect("status");
-    let restored = status.restored.clone().expect("restored");
-    println!(
-        "measured: restore {name}: memory {} ms, disk-referenced pages {} ({} ms), total {} ms",
-        restored.memory.as_millis(),
-        restored.pages_disk,
-        restored.disk.as_millis(),
-        restored.total.as_millis()
-    );
-    let mut agent = agent_when_up(&vm).await;
-    if !first.is_empty() {
-        sh(&mut agent, first).await;
-    }
-    let (code, report) = verify(&mut agent).await;
-    assert_eq!(code, 0, "{name}: {report}\n{}", vm.process.transcript());
-    assert_eq!(count(&report["memory"]["bad_pages"]), 0, "{name}");
-    assert_eq!(count(&report["files"]["checked"]), FILES, "{name}");
-    let (code, out) = sh(&mut agent, &coherence_check(coherent_dirs)).await;
-    assert_eq!(code, 0, "{name}: page cache and disk disagree: {out}");
-    println!(
-        "{name}: {} files agree through the cache and on disk",
-        out.trim()
-    );
-    (vm, agent)
-}
-
-/// The guest agent of a restored VM, waiting up to 30 s for it: a guest checkpointed while its
-/// agent was dead gets it back when busybox init starts it again.
-async fn agent_when_up(vm: &TestVm) -> AgentClient<Channel> {
-    vm.control().await;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        match ditto_host::agent::connect(&vm.uds, AGENT_PORT, Duration::from_secs(5)).await {
-            Ok(c) => return c.max_decoding_message_size(ditto_host::agent::MAX_REPLY_BYTES),
-            Err(e) if Instant::now() < deadline => {
-                let _ = e;
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
-            Err(e) => panic!(
-                "the restored guest's agent: {e}\n{}",
-                vm.process.transcript()
-            ),
-        }
-    }
+    let take = Take {
+        verification,
+        agent_port,
+        scan_timeout,
+        ..Take::default()
+    };
+    GUEST.checkpoint(control, dir, name, take).await
 }
 
 /// The byte offset on the root disk of the first cached page of /data/raw/r1, from the
@@ -335,8 +220,9 @@ fn ditto_checkpoints_never_restore_wrong_memory() {
         {
             // A copy of the disk for round 6, before any guest writes to this one.
             sparse_copy(&disk1, &ckpts.join("quiet-tampered.ext4")).expect("copy");
-            let (vm, _agent) =
-                restore_and_check(work, "quiet", &file1, &disk1, 4, "", "/data /usr /etc").await;
+            let (vm, _agent) = GUEST
+                .restore_and_check(work, "quiet", &file1, &disk1, 4, "", "/data /usr /etc")
+                .await;
             drop(vm);
             discard(&[&disk1]);
         }
@@ -371,7 +257,7 @@ fn ditto_checkpoints_never_restore_wrong_memory() {
             "the writes during the checkpoint refused some reported pages: {o2:?}"
         );
         {
-            let (vm, mut clone) = restore_and_check(
+            let (vm, mut clone) = GUEST.restore_and_check(
                 work,
                 "writes",
                 &file2,
@@ -411,8 +297,9 @@ fn ditto_checkpoints_never_restore_wrong_memory() {
         assert!(o2b.pages_mismatched > 0, "the stale page differs: {o2b:?}");
         assert_eq!(r2b.pages_disk, 0, "a distrusted report omits nothing");
         {
-            let (vm, _clone) =
-                restore_and_check(work, "stale-full", &file2b, &disk2b, 12, "", AFTER_RAW).await;
+            let (vm, _clone) = GUEST
+                .restore_and_check(work, "stale-full", &file2b, &disk2b, 12, "", AFTER_RAW)
+                .await;
             drop(vm);
             discard(&[&file2b, &disk2b]);
         }
@@ -448,7 +335,7 @@ fn ditto_checkpoints_never_restore_wrong_memory() {
         .await;
         assert!(agent_degradations(r3.omission.as_ref().expect("report")).is_empty());
         {
-            let (vm, _clone) = restore_and_check(
+            let (vm, _clone) = GUEST.restore_and_check(
                 work,
                 "pressure",
                 &file3,
@@ -484,8 +371,9 @@ fn ditto_checkpoints_never_restore_wrong_memory() {
         tokio::time::sleep(Duration::from_secs(3)).await;
         let mut agent = original.agent().await;
         {
-            let (vm, _clone) =
-                restore_and_check(work, "killed", &file4, &disk4, 7, "", AFTER_RAW).await;
+            let (vm, _clone) = GUEST
+                .restore_and_check(work, "killed", &file4, &disk4, 7, "", AFTER_RAW)
+                .await;
             drop(vm);
             discard(&[&file4, &disk4]);
         }
@@ -543,8 +431,9 @@ fn ditto_checkpoints_never_restore_wrong_memory() {
             o5.degraded
         );
         {
-            let (vm, _clone) =
-                restore_and_check(work, "liar-sampled", &file5, &disk5, 8, "", AFTER_RAW).await;
+            let (vm, _clone) = GUEST
+                .restore_and_check(work, "liar-sampled", &file5, &disk5, 8, "", AFTER_RAW)
+                .await;
             drop(vm);
             discard(&[&file5, &disk5]);
         }
@@ -631,7 +520,7 @@ fn ditto_checkpoints_never_restore_wrong_memory() {
         original.process.wait_exit(Duration::from_secs(60));
         {
             // Read before the coherence check drops the page cache.
-            let (vm, mut clone) = restore_and_check(
+            let (vm, mut clone) = GUEST.restore_and_check(
                 work,
                 "live",
                 &live,
@@ -651,33 +540,4 @@ fn ditto_checkpoints_never_restore_wrong_memory() {
         }
     });
     drop(original);
-}
-
-/// Removes the files of a finished round (the box keeps /tmp in RAM).
-fn discard(files: &[&Path]) {
-    for f in files {
-        let _ = std::fs::remove_file(f);
-    }
-}
-
-/// A restore of `file` on `disk` must fail before any guest runs, naming the hash check.
-fn refused(work: &Path, name: &str, file: &Path, disk: &Path, cid: u32) {
-    let dir = work.join(name);
-    std::fs::create_dir_all(&dir).expect("mkdir");
-    let t = Instant::now();
-    let mut vm = TestVm::restore(file, &dir, Some(disk), cid);
-    let status = vm.process.wait_exit(Duration::from_secs(300));
-    assert!(!status.success(), "{name}: the restore must refuse");
-    let stderr = vm.process.stderr_text();
-    assert!(stderr.contains("does not match drive"), "{name}: {stderr}");
-    assert!(
-        vm.process.console_text().is_empty(),
-        "{name}: no guest ran: {}",
-        vm.process.console_text()
-    );
-    println!(
-        "{name}: refused after {} ms: {}",
-        t.elapsed().as_millis(),
-        stderr.trim()
-    );
 }

@@ -132,8 +132,8 @@ enum Command {
         #[arg(long = "verify", default_value = "dirty-log",
               value_parser = |s: &str| s.parse::<ditto_host::omission::Verification>().map(|v| v.to_string()))]
         verification: String,
-        /// Seconds the agent's scan and the free-page round may take in all (default: the
-        /// VMM's, 60).
+        /// Seconds the agent's scan and the free-page round may take in all, a tenth of it (at
+        /// most 2 s) kept for the free-page round (default: the VMM's, 60).
         #[arg(long, value_name = "SECONDS")]
         scan_timeout: Option<f64>,
         /// End the VM once the checkpoint is written.

@@ -115,8 +115,9 @@ pub struct CheckpointSpec {
     pub mode: Mode,
     /// How the agent's report is checked (ditto mode).
     pub verification: Verification,
-    /// How long the agent's scan and the free-page round may take in all (`None`: the VMM's
-    /// default; travels in whole milliseconds).
+    /// How long the agent's scan and the free-page round may take in all, a tenth of it (at
+    /// most 2 s) kept for the free-page round (`None`: the VMM's default; travels in whole
+    /// milliseconds).
     pub scan_timeout: Option<Duration>,
     /// Drives to copy while the VM is paused: (drive id, new file).
     pub drive_copies: Vec<(String, PathBuf)>,

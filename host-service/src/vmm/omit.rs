@@ -21,6 +21,11 @@ use crate::omission::{OmissionReport, Verification, micros};
 /// How long the agent's scan and the free-page round may take when the caller does not say.
 pub const DEFAULT_SCAN_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// The part of the scan timeout kept for the balloon's free-page round when the mode omits free
+/// pages: a tenth of it, at most this much. The agent gets the rest, so an agent that stalls
+/// costs the page cache but not the free pages (a round takes well under a second).
+pub const HINT_RESERVE_MAX: Duration = Duration::from_secs(2);
+
 /// What the guest claimed before the pause, and what the VMM made of it while the guest ran.
 #[derive(Debug, Default)]
 pub struct Claims {
@@ -59,7 +64,8 @@ impl Vmm {
     }
 
     /// Asks the running guest what the checkpoint's mode needs, within its scan timeout in
-    /// all.
+    /// all: the agent first, then the balloon, with a share of the time kept for the balloon
+    /// ([`HINT_RESERVE_MAX`]).
     pub(super) fn ask_guest(
         &self,
         options: &CheckpointOptions,
@@ -67,10 +73,16 @@ impl Vmm {
     ) -> Claims {
         let (mode, timeout) = (options.mode, options.scan_timeout);
         let deadline = Instant::now() + timeout;
+        let reserve = if mode.omits_free() {
+            (timeout / 10).min(HINT_RESERVE_MAX)
+        } else {
+            Duration::ZERO
+        };
         let mut claims = Claims::default();
         if mode.omits_cache() {
             let started = Instant::now();
-            if let Some(agent) = self.agent_report(options.agent_port, timeout, report) {
+            let agent_time = timeout.saturating_sub(reserve);
+            if let Some(agent) = self.agent_report(options.agent_port, agent_time, report) {
                 report.scan_us = micros(started.elapsed());
                 self.examine(&agent, options.verification, &mut claims, report);
             } else {

@@ -93,7 +93,8 @@ pub struct CheckpointOptions {
     pub mode: Mode,
     /// How the agent's report is checked (ditto mode).
     pub verification: Verification,
-    /// How long the agent's scan and the free-page round may take in all.
+    /// How long the agent's scan and the free-page round may take in all (a tenth of it, at
+    /// most 2 s, is kept for the free-page round).
     pub scan_timeout: Duration,
     /// Drives to copy while the VM is paused: (drive id, new file).
     pub drive_copies: Vec<(String, PathBuf)>,
