@@ -98,6 +98,7 @@ async fn scan_streams_disks_then_extents_then_the_summary() {
         .scan(ScanRequest {
             paths: vec![fs.mnt.display().to_string()],
             time_budget_ms: 0,
+            method: String::new(),
         })
         .await
         .unwrap()
@@ -143,6 +144,7 @@ async fn scan_of_a_missing_path_is_an_invalid_argument() {
         .scan(ScanRequest {
             paths: vec!["/nonexistent/ditto".into()],
             time_budget_ms: 0,
+            method: String::new(),
         })
         .await
         .unwrap()
