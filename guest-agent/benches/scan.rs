@@ -54,6 +54,7 @@ fn bench(label: &str, path: &Path) {
             time_budget: None,
             include_loop_devices: true,
             after_mincore: None,
+            kpageblock_path: None,
         },
         |event| {
             if let ScanEvent::Extents(batch) = event {

@@ -106,6 +106,7 @@ fn main() -> anyhow::Result<()> {
                 time_budget: time_budget_ms.map(Duration::from_millis),
                 include_loop_devices,
                 after_mincore: None,
+                kpageblock_path: None,
             },
             json,
         ),

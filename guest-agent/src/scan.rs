@@ -66,7 +66,7 @@ impl std::fmt::Display for Method {
 
 /// A method name that is neither `walk` nor `kpageblock` (nor `auto`).
 #[derive(Debug, thiserror::Error)]
-#[error("unknown scan method {0:?}: use walk, kpageblock or auto")]
+#[error("unknown scan method {0:?}: the methods are walk and kpageblock")]
 pub struct UnknownMethod(pub String);
 
 impl std::str::FromStr for Method {
@@ -99,6 +99,10 @@ pub struct ScanOptions {
     /// (a seam for tests that evict pages in that window; `None` in the agent).
     #[doc(hidden)]
     pub after_mincore: Option<fn(&Path)>,
+    /// Read the fast path's records from this file instead of /proc/kpageblock (a seam for
+    /// tests that fake the kernel interface; `None` in the agent).
+    #[doc(hidden)]
+    pub kpageblock_path: Option<PathBuf>,
 }
 
 /// What a scan hands on, in order: the disk table once, then extents in batches.
@@ -197,7 +201,11 @@ pub fn scan<E>(
     mut sink: impl FnMut(ScanEvent) -> Result<(), E>,
 ) -> Result<Summary, ScanError<E>> {
     let started = Instant::now();
-    let chosen = choose(options, Path::new(KPAGEBLOCK))?;
+    let path = options
+        .kpageblock_path
+        .as_deref()
+        .unwrap_or(Path::new(KPAGEBLOCK));
+    let chosen = choose(options, path)?;
     let frames = FrameReader::open()?;
     let layout = disks::discover(options.include_loop_devices)?;
     let mut summary = Summary {

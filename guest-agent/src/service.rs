@@ -177,6 +177,7 @@ impl pb::agent_server::Agent for AgentService {
                 .then(|| Duration::from_millis(request.time_budget_ms.into())),
             include_loop_devices: self.include_loop_devices,
             after_mincore: None,
+            kpageblock_path: None,
         };
         let skew = self.fault.map_or(0, Fault::offset_skew);
         tokio::task::spawn_blocking(move || {

@@ -235,6 +235,7 @@ pub fn scan_paths_with_hook(paths: &[&Path], after_mincore: Option<fn(&Path)>) -
             time_budget: None,
             include_loop_devices: true,
             after_mincore,
+            kpageblock_path: None,
         },
         |event| {
             match event {
