@@ -171,8 +171,8 @@ pub fn available() -> bool {
 /// Gives a block device's whole disk and the device's byte offset on it.
 pub type ResolveDevice = fn((u32, u32)) -> Option<((u32, u32), u64)>;
 
-/// Gives the kpageflags word of each frame asked for, in order.
-pub type PageFlags<'a> = &'a mut dyn FnMut(&[u64]) -> Result<Vec<u64>, FrameError>;
+/// Gives the kpageflags words of `count` consecutive frames from `first`.
+pub type PageFlags<'a> = &'a mut dyn FnMut(u64, usize) -> Result<Vec<u64>, FrameError>;
 
 /// Where a device's records go: a disk of the scan's table and the device's byte offset on it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -246,8 +246,9 @@ fn exclude(summary: &mut Summary, reason: &str, pages: u64) {
 }
 
 /// Reads every frame's record from `reader` and pushes each clean page-cache page on one of the
-/// disks of `devices` into `out`, with its frame's kpageflags word (from `page_flags`, one word
-/// per frame asked for) checked as the walk checks its pages. Counts into `summary`: valid
+/// disks of `devices` into `out`, with its frame's kpageflags word (from `page_flags`, asked
+/// once per chunk for the span of frames with usable records, so at worst one pass over
+/// kpageflags in all) checked as the walk checks its pages. Counts into `summary`: valid
 /// records as `pages_resident`, the ones not reported in `pages_excluded` by reason, ranges of
 /// frames that could not be read in `files_skipped` ("kpageblock range unreadable"), and a
 /// deadline that passed as `budget_exhausted`. Only the sink's error ends it early.
@@ -321,17 +322,23 @@ pub fn scan_frames<E, F: FnMut(Vec<crate::extents::CacheExtent>) -> Result<(), E
             }
             found.push((pfn + index as u64, target.disk, on_disk));
         }
-        let pfns: Vec<u64> = found.iter().map(|(pfn, _, _)| *pfn).collect();
-        match page_flags(&pfns) {
-            Ok(flags) if flags.len() == pfns.len() => {
-                for (&(frame, disk, on_disk), word) in found.iter().zip(flags) {
-                    match frames::unclean_reason(word) {
-                        Some(reason) => exclude(summary, reason, 1),
-                        None => out.push(frame, disk, on_disk)?,
+        if let (Some(&(first, _, _)), Some(&(last, _, _))) = (found.first(), found.last()) {
+            let span = usize::try_from(last - first + 1).unwrap_or(usize::MAX);
+            match page_flags(first, span) {
+                Ok(flags) if flags.len() == span => {
+                    for &(frame, disk, on_disk) in &found {
+                        let word = usize::try_from(frame - first)
+                            .ok()
+                            .and_then(|i| flags.get(i).copied());
+                        match word.map(frames::unclean_reason) {
+                            Some(None) => out.push(frame, disk, on_disk)?,
+                            Some(Some(reason)) => exclude(summary, reason, 1),
+                            None => exclude(summary, "kpageflags unreadable", 1),
+                        }
                     }
                 }
+                _ => exclude(summary, "kpageflags unreadable", found.len() as u64),
             }
-            _ => exclude(summary, "kpageflags unreadable", pfns.len() as u64),
         }
         pfn += records as u64;
     }
@@ -420,11 +427,10 @@ mod tests {
         let file = write_file(records);
         let reader = KpageblockReader::open(file.path()).unwrap();
         let mut devices = DeviceMap::new(&layout(), sysfs);
-        let mut flags = |pfns: &[u64]| {
-            Ok(pfns
-                .iter()
+        let mut flags = |first: u64, count: usize| {
+            Ok((first..first + count as u64)
                 .map(|p| {
-                    if dirty.contains(p) {
+                    if dirty.contains(&p) {
                         UPTODATE | LRU | DIRTY
                     } else {
                         UPTODATE | LRU
@@ -558,7 +564,7 @@ mod tests {
         let mut devices = DeviceMap::new(&layout(), sysfs);
         let mut summary = Summary::default();
         let mut out = Coalescer::new(8, |_| Ok::<(), ()>(()));
-        let mut broken = |_: &[u64]| {
+        let mut broken = |_: u64, _: usize| {
             Err(FrameError::Read {
                 path: "/proc/kpageflags",
                 source: std::io::Error::from_raw_os_error(libc::EIO),

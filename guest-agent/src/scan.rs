@@ -230,7 +230,7 @@ pub fn scan<E>(
             kpageblock::scan_frames(
                 &reader,
                 &mut devices,
-                &mut |pfns| frames.flags(pfns),
+                &mut |first, count| frames.flag_range(first, count),
                 deadline,
                 &mut summary,
                 &mut coalescer,
