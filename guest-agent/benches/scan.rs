@@ -14,7 +14,7 @@ use std::io::Write;
 use std::path::Path;
 use std::time::Instant;
 
-use ditto_agent::scan::{self, ScanEvent, ScanOptions};
+use ditto_agent::scan::{self, Method, ScanEvent, ScanOptions};
 
 const FOLDERS: usize = 10;
 const FILES_PER_FOLDER: usize = 1000;
@@ -50,9 +50,11 @@ fn bench(label: &str, path: &Path) {
     let summary = scan::scan(
         &ScanOptions {
             paths: vec![path.to_owned()],
+            method: Some(Method::Walk),
             time_budget: None,
             include_loop_devices: true,
             after_mincore: None,
+            kpageblock_path: None,
         },
         |event| {
             if let ScanEvent::Extents(batch) = event {

@@ -148,24 +148,41 @@ fn read_trimmed(path: &Path) -> Option<String> {
         .filter(|s| !s.is_empty())
 }
 
-/// Resolves `dev` through /sys/dev/block to a whole disk, or says why it is not eligible.
-fn classify(dev: (u32, u32), include_loop: bool) -> Result<Block, &'static str> {
+/// The sysfs folder of the whole disk that holds `dev` and the byte offset of `dev` on it (a
+/// partition's start; 0 when `dev` is a whole disk), or why that is unknown.
+fn whole_disk_dir(dev: (u32, u32)) -> Result<(PathBuf, u64), &'static str> {
     let sys = PathBuf::from(format!("/sys/dev/block/{}:{}", dev.0, dev.1));
     let real = fs::canonicalize(&sys).map_err(|_| "block device unknown to sysfs")?;
-    let (disk_dir, start_bytes) = if sys.join("partition").exists() {
-        let start: u64 = read_trimmed(&sys.join("start"))
-            .and_then(|s| s.parse().ok())
-            .ok_or("partition without a start")?;
-        let parent = real.parent().ok_or("partition without a disk")?.to_owned();
-        (
-            parent,
-            start
-                .checked_mul(512)
-                .ok_or("partition start out of range")?,
-        )
-    } else {
-        (real, 0)
-    };
+    if !sys.join("partition").exists() {
+        return Ok((real, 0));
+    }
+    let start: u64 = read_trimmed(&sys.join("start"))
+        .and_then(|s| s.parse().ok())
+        .ok_or("partition without a start")?;
+    let parent = real.parent().ok_or("partition without a disk")?.to_owned();
+    let start_bytes = start
+        .checked_mul(512)
+        .ok_or("partition start out of range")?;
+    Ok((parent, start_bytes))
+}
+
+fn dir_dev(dir: &Path) -> Option<(u32, u32)> {
+    read_trimmed(&dir.join("dev"))
+        .as_deref()
+        .and_then(parse_majmin)
+}
+
+/// The whole disk (its major and minor number) that holds block device `dev`, and the byte
+/// offset of `dev` on it: `(dev, 0)` for a whole disk, the disk and the partition's start for
+/// a partition (from /sys/dev/block). `None` when sysfs does not know `dev`.
+pub fn whole_disk(dev: (u32, u32)) -> Option<((u32, u32), u64)> {
+    let (dir, start_bytes) = whole_disk_dir(dev).ok()?;
+    Some((dir_dev(&dir)?, start_bytes))
+}
+
+/// Resolves `dev` through /sys/dev/block to a whole disk, or says why it is not eligible.
+fn classify(dev: (u32, u32), include_loop: bool) -> Result<Block, &'static str> {
+    let (disk_dir, start_bytes) = whole_disk_dir(dev)?;
     let name = disk_dir
         .file_name()
         .and_then(|n| n.to_str())
@@ -187,10 +204,7 @@ fn classify(dev: (u32, u32), include_loop: bool) -> Result<Block, &'static str> 
     if kind(&["nbd", "rbd", "drbd"]) {
         return Err("network block device");
     }
-    let disk_dev = read_trimmed(&disk_dir.join("dev"))
-        .as_deref()
-        .and_then(parse_majmin)
-        .ok_or("disk without a device number")?;
+    let disk_dev = dir_dev(&disk_dir).ok_or("disk without a device number")?;
     let sectors: u64 = read_trimmed(&disk_dir.join("size"))
         .and_then(|s| s.parse().ok())
         .ok_or("disk without a size")?;

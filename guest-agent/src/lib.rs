@@ -13,6 +13,7 @@ pub mod extents;
 pub mod fault;
 pub mod fiemap;
 pub mod frames;
+pub mod kpageblock;
 pub mod listen;
 pub mod report;
 pub mod scan;

@@ -8,9 +8,10 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use ditto_agent::fault::Fault;
 use ditto_agent::frames::{FrameReader, PAGE_SIZE};
+use ditto_agent::kpageblock::{KPAGEBLOCK, KpageblockReader};
 use ditto_agent::listen::{self, ListenAddr};
 use ditto_agent::report::JsonReport;
-use ditto_agent::scan::{self, ScanEvent, ScanOptions};
+use ditto_agent::scan::{self, Method, ScanEvent, ScanOptions};
 use ditto_agent::service::{self, AgentService};
 
 /// The guest agent of ditto.
@@ -34,6 +35,10 @@ enum Command {
         /// Treat loop devices as disks (for hosts that are not ditto guests, such as tests).
         #[arg(long)]
         include_loop_devices: bool,
+        /// Scan method of requests that name none: walk or kpageblock (default: kpageblock
+        /// when /proc/kpageblock is readable, else walk).
+        #[arg(long, value_name = "walk|kpageblock")]
+        method: Option<Method>,
         /// Fault injection for testing hosts: misreport-offsets=BYTES, extents-first,
         /// oversized, flood, stall or garbage (see the `fault` module). Never use it in a real
         /// guest.
@@ -54,6 +59,10 @@ enum Command {
         /// Treat loop devices as disks (for hosts that are not ditto guests, such as tests).
         #[arg(long)]
         include_loop_devices: bool,
+        /// Scan method: walk or kpageblock (default: kpageblock when /proc/kpageblock is
+        /// readable and no --path is given, else walk).
+        #[arg(long, value_name = "walk|kpageblock")]
+        method: Option<Method>,
     },
     /// Print the agent's version, the kernel release and what can be read here.
     Info,
@@ -76,22 +85,28 @@ fn main() -> anyhow::Result<()> {
             listen,
             no_exec,
             include_loop_devices,
+            method,
             fault,
         } => serve(
             &listen,
-            AgentService::new(!no_exec, include_loop_devices).with_fault(fault),
+            AgentService::new(!no_exec, include_loop_devices)
+                .with_method(method)
+                .with_fault(fault),
         ),
         Command::Scan {
             paths,
             json,
             time_budget_ms,
             include_loop_devices,
+            method,
         } => scan_once(
             ScanOptions {
                 paths,
+                method,
                 time_budget: time_budget_ms.map(Duration::from_millis),
                 include_loop_devices,
                 after_mincore: None,
+                kpageblock_path: None,
             },
             json,
         ),
@@ -102,6 +117,10 @@ fn main() -> anyhow::Result<()> {
             match FrameReader::open() {
                 Ok(_) => println!("kpageflags and pagemap frame numbers: readable"),
                 Err(e) => println!("kpageflags and pagemap frame numbers: {e}"),
+            }
+            match KpageblockReader::open(std::path::Path::new(KPAGEBLOCK)) {
+                Ok(_) => println!("kpageblock fast path: readable"),
+                Err(e) => println!("kpageblock fast path: {e}"),
             }
             Ok(())
         }
@@ -168,7 +187,8 @@ fn scan_once(options: ScanOptions, json: bool) -> anyhow::Result<()> {
         );
     }
     println!(
-        "{} files visited, {} pages resident, {} reported in {} extents, {:.3} s",
+        "method {}: {} files visited, {} pages resident, {} reported in {} extents, {:.3} s",
+        summary.method,
         summary.files_visited,
         summary.pages_resident,
         summary.pages_reported,

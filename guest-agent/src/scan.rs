@@ -1,8 +1,11 @@
-//! One scan: walk the regular files of the eligible filesystems, find which of their pages are
-//! resident, and report each clean page-cache page as (guest frame, disk, byte offset on the
-//! whole disk). Files are only ever mapped read-only and shared, only resident pages are
-//! touched (with `MADV_POPULATE_READ`, which fails instead of raising SIGBUS when a file shrinks
-//! under it), and nothing is written, synced or read from disk on purpose.
+//! One scan: report each clean page-cache page as (guest frame, disk, byte offset on the whole
+//! disk), by one of two methods. The kernel fast path ([`Method::Kpageblock`], see
+//! [`crate::kpageblock`]) reads every frame's disk block from /proc/kpageblock where the guest
+//! kernel has ditto's patch. The walk ([`Method::Walk`], any kernel) walks the regular files of
+//! the eligible filesystems and finds which of their pages are resident: files are only ever
+//! mapped read-only and shared, only resident pages are touched (with `MADV_POPULATE_READ`,
+//! which fails instead of raising SIGBUS when a file shrinks under it), and nothing is written,
+//! synced or read from disk on purpose.
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions, ReadDir};
@@ -17,6 +20,7 @@ use crate::disks::{self, Disk, DiskError, Layout, Mount, split_dev};
 use crate::extents::{CacheExtent, Coalescer};
 use crate::fiemap::{ExtentMap, Placement};
 use crate::frames::{self, FrameError, FrameReader, PAGE_SIZE};
+use crate::kpageblock::{self, DeviceMap, KPAGEBLOCK, KpageblockError, KpageblockReader};
 
 /// Pages examined per step: bounds the memory a file of any size needs.
 const CHUNK_PAGES: usize = 1024;
@@ -24,11 +28,69 @@ const CHUNK_PAGES: usize = 1024;
 pub const BATCH_EXTENTS: usize = 4096;
 const MADV_POPULATE_READ: libc::c_int = 22;
 
+/// How a scan finds the pages.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Method {
+    /// Walk the files: `mincore`, pagemap, kpageflags and FIEMAP (any kernel).
+    #[default]
+    Walk,
+    /// Read /proc/kpageblock (a kernel with ditto's patch).
+    Kpageblock,
+}
+
+impl Method {
+    /// The method's name: `walk` or `kpageblock`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Method::Walk => "walk",
+            Method::Kpageblock => "kpageblock",
+        }
+    }
+
+    /// Parses a requested method: `walk`, `kpageblock`, or `auto` or empty for `None` (the
+    /// fast path when the kernel has it, else the walk).
+    pub fn parse_request(name: &str) -> Result<Option<Self>, UnknownMethod> {
+        match name {
+            "" | "auto" => Ok(None),
+            other => other.parse().map(Some),
+        }
+    }
+}
+
+impl std::fmt::Display for Method {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A method name that is neither `walk` nor `kpageblock` (nor `auto`).
+#[derive(Debug, thiserror::Error)]
+#[error("unknown scan method {0:?}: the methods are walk and kpageblock")]
+pub struct UnknownMethod(pub String);
+
+impl std::str::FromStr for Method {
+    type Err = UnknownMethod;
+
+    fn from_str(name: &str) -> Result<Self, Self::Err> {
+        match name {
+            "walk" => Ok(Method::Walk),
+            "kpageblock" => Ok(Method::Kpageblock),
+            other => Err(UnknownMethod(other.to_owned())),
+        }
+    }
+}
+
 /// What to scan.
 #[derive(Clone, Debug, Default)]
 pub struct ScanOptions {
-    /// Limit the walk to these directories (empty: every eligible filesystem).
+    /// Limit the walk to these directories (empty: every eligible filesystem). Only the walk
+    /// can do this: with paths, the automatic choice is the walk, and forcing
+    /// [`Method::Kpageblock`] is an error.
     pub paths: Vec<PathBuf>,
+    /// The method to use; `None` picks the fast path when /proc/kpageblock is readable, else
+    /// the walk.
+    pub method: Option<Method>,
     /// Stop walking after this long.
     pub time_budget: Option<Duration>,
     /// Treat loop devices as disks (for machines that are not ditto guests, such as tests).
@@ -37,6 +99,10 @@ pub struct ScanOptions {
     /// (a seam for tests that evict pages in that window; `None` in the agent).
     #[doc(hidden)]
     pub after_mincore: Option<fn(&Path)>,
+    /// Read the fast path's records from this file instead of /proc/kpageblock (a seam for
+    /// tests that fake the kernel interface; `None` in the agent).
+    #[doc(hidden)]
+    pub kpageblock_path: Option<PathBuf>,
 }
 
 /// What a scan hands on, in order: the disk table once, then extents in batches.
@@ -71,6 +137,8 @@ pub struct Summary {
     pub elapsed_us: u64,
     /// The time budget ran out before the walk finished.
     pub budget_exhausted: bool,
+    /// How the pages were found.
+    pub method: Method,
 }
 
 fn bump(map: &mut BTreeMap<String, u64>, reason: &str, n: u64) {
@@ -97,9 +165,34 @@ pub enum ScanError<E> {
     /// The kernel lacks MADV_POPULATE_READ (Linux 5.14).
     #[error("this kernel lacks MADV_POPULATE_READ (needs Linux 5.14 or later)")]
     Unsupported,
+    /// The fast path was asked for and /proc/kpageblock is missing or unreadable.
+    #[error("--method kpageblock: {0}")]
+    Kpageblock(#[from] KpageblockError),
+    /// The fast path was asked for together with paths, which only the walk honours.
+    #[error(
+        "--method kpageblock reports every frame and cannot be limited to paths; use --method \
+         walk with --path"
+    )]
+    PathsNeedWalk,
     /// The consumer of the report stopped taking it.
     #[error("the report's consumer went away")]
     Sink(E),
+}
+
+/// The method a scan uses, with the fast path's open file.
+enum Chosen {
+    Walk,
+    Kpageblock(KpageblockReader),
+}
+
+/// Picks the method `options` ask for, reading the fast path's file at `path`.
+fn choose<E>(options: &ScanOptions, path: &Path) -> Result<Chosen, ScanError<E>> {
+    match (options.method, options.paths.is_empty()) {
+        (Some(Method::Walk), _) | (None, false) => Ok(Chosen::Walk),
+        (Some(Method::Kpageblock), false) => Err(ScanError::PathsNeedWalk),
+        (Some(Method::Kpageblock), true) => Ok(Chosen::Kpageblock(KpageblockReader::open(path)?)),
+        (None, true) => Ok(KpageblockReader::open(path).map_or(Chosen::Walk, Chosen::Kpageblock)),
+    }
 }
 
 /// Runs one scan, handing the report to `sink` as it is produced.
@@ -108,6 +201,11 @@ pub fn scan<E>(
     mut sink: impl FnMut(ScanEvent) -> Result<(), E>,
 ) -> Result<Summary, ScanError<E>> {
     let started = Instant::now();
+    let path = options
+        .kpageblock_path
+        .as_deref()
+        .unwrap_or(Path::new(KPAGEBLOCK));
+    let chosen = choose(options, path)?;
     let frames = FrameReader::open()?;
     let layout = disks::discover(options.include_loop_devices)?;
     let mut summary = Summary {
@@ -115,7 +213,45 @@ pub fn scan<E>(
         ..Summary::default()
     };
     sink(ScanEvent::Disks(layout.disks.clone())).map_err(ScanError::Sink)?;
+    let deadline = options.time_budget.map(|b| started + b);
+    let mut coalescer = Coalescer::new(BATCH_EXTENTS, |batch| sink(ScanEvent::Extents(batch)));
+    match chosen {
+        Chosen::Walk => walk(
+            options,
+            &frames,
+            &layout,
+            &mut summary,
+            deadline,
+            &mut coalescer,
+        )?,
+        Chosen::Kpageblock(reader) => {
+            summary.method = Method::Kpageblock;
+            let mut devices = DeviceMap::new(&layout, disks::whole_disk);
+            kpageblock::scan_frames(
+                &reader,
+                &mut devices,
+                &mut |first, count| frames.flag_range(first, count),
+                deadline,
+                &mut summary,
+                &mut coalescer,
+            )
+            .map_err(ScanError::Sink)?;
+        }
+    }
+    summary.pages_reported = coalescer.finish().map_err(ScanError::Sink)?;
+    summary.elapsed_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+    Ok(summary)
+}
 
+/// The walk over the files of the eligible filesystems (or of `options.paths`).
+fn walk<E, F: FnMut(Vec<CacheExtent>) -> Result<(), E>>(
+    options: &ScanOptions,
+    frames: &FrameReader,
+    layout: &Layout,
+    summary: &mut Summary,
+    deadline: Option<Instant>,
+    coalescer: &mut Coalescer<F>,
+) -> Result<(), ScanError<E>> {
     let mut roots: Vec<(PathBuf, &Mount)> = Vec::new();
     if options.paths.is_empty() {
         roots.extend(layout.mounts.iter().map(|m| (m.mount_point.clone(), m)));
@@ -136,12 +272,10 @@ pub fn scan<E>(
         }
     }
 
-    let deadline = options.time_budget.map(|b| started + b);
-    let mut coalescer = Coalescer::new(BATCH_EXTENTS, |batch| sink(ScanEvent::Extents(batch)));
     let mut ctx = FileScan {
-        frames: &frames,
-        layout: &layout,
-        summary: &mut summary,
+        frames,
+        layout,
+        summary,
         deadline,
         after_mincore: options.after_mincore,
     };
@@ -180,7 +314,7 @@ pub fn scan<E>(
                     Err(_) => bump(&mut ctx.summary.files_skipped, "vanished", 1),
                 }
             } else if kind.is_file() {
-                ctx.file(&path, mount, &mut coalescer)?;
+                ctx.file(&path, mount, coalescer)?;
             } else {
                 let reason = if kind.is_symlink() {
                     "symlink"
@@ -195,9 +329,7 @@ pub fn scan<E>(
             }
         }
     }
-    summary.pages_reported = coalescer.finish().map_err(ScanError::Sink)?;
-    summary.elapsed_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
-    Ok(summary)
+    Ok(())
 }
 
 /// The state one file's scan needs.

@@ -13,7 +13,8 @@ use crate::census;
 use crate::exec::{self, ExecError, ExecRequest};
 use crate::fault::Fault;
 use crate::frames::{FrameReader, PAGE_SIZE};
-use crate::scan::{self, ScanError, ScanEvent, ScanOptions, Summary};
+use crate::kpageblock;
+use crate::scan::{self, Method, ScanError, ScanEvent, ScanOptions, Summary};
 
 pub use pb::agent_server::AgentServer;
 
@@ -22,6 +23,7 @@ pub use pb::agent_server::AgentServer;
 pub struct AgentService {
     exec_enabled: bool,
     include_loop_devices: bool,
+    method: Option<Method>,
     fault: Option<Fault>,
     scans: Arc<Semaphore>,
 }
@@ -32,9 +34,17 @@ impl AgentService {
         Self {
             exec_enabled,
             include_loop_devices,
+            method: None,
             fault: None,
             scans: Arc::new(Semaphore::new(1)),
         }
+    }
+
+    /// The method of scans whose request names none (`None`: the fast path when
+    /// /proc/kpageblock is readable, else the walk).
+    pub fn with_method(mut self, method: Option<Method>) -> Self {
+        self.method = method;
+        self
     }
 
     /// Fault injection for testing hosts: the service misbehaves as `fault` says.
@@ -88,6 +98,7 @@ fn summary_chunk(
             budget_exhausted: s.budget_exhausted,
             pages_refaulted: s.pages_refaulted,
             guest_frames: guest_frames.into_iter().collect(),
+            method: s.method.as_str().to_owned(),
         })),
     }
 }
@@ -122,6 +133,9 @@ impl pb::agent_server::Agent for AgentService {
             capabilities.push("kpageflags".to_owned());
             capabilities.push("pagemap-pfn".to_owned());
         }
+        if kpageblock::available() {
+            capabilities.push("kpageblock".to_owned());
+        }
         if self.exec_enabled {
             capabilities.push("exec".to_owned());
         }
@@ -153,12 +167,17 @@ impl pb::agent_server::Agent for AgentService {
             return Ok(Response::new(ReceiverStream::new(rx)));
         }
         let request = request.into_inner();
+        let method = Method::parse_request(&request.method)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?
+            .or(self.method);
         let options = ScanOptions {
             paths: request.paths.iter().map(Into::into).collect(),
+            method,
             time_budget: (request.time_budget_ms > 0)
                 .then(|| Duration::from_millis(request.time_budget_ms.into())),
             include_loop_devices: self.include_loop_devices,
             after_mincore: None,
+            kpageblock_path: None,
         };
         let skew = self.fault.map_or(0, Fault::offset_skew);
         tokio::task::spawn_blocking(move || {
@@ -171,10 +190,12 @@ impl pb::agent_server::Agent for AgentService {
                 // The census is a measurement for the host; a scan without it is still whole.
                 Ok(summary) => Ok(summary_chunk(summary, census::census().unwrap_or_default())),
                 Err(ScanError::Sink(())) => return, // the client went away
-                Err(e @ (ScanError::Frames(_) | ScanError::Unsupported)) => {
-                    Err(Status::failed_precondition(e.to_string()))
+                Err(
+                    e @ (ScanError::Frames(_) | ScanError::Unsupported | ScanError::Kpageblock(_)),
+                ) => Err(Status::failed_precondition(e.to_string())),
+                Err(e @ (ScanError::Path { .. } | ScanError::PathsNeedWalk)) => {
+                    Err(Status::invalid_argument(e.to_string()))
                 }
-                Err(e @ ScanError::Path { .. }) => Err(Status::invalid_argument(e.to_string())),
                 Err(e) => Err(Status::internal(e.to_string())),
             };
             let _ = tx.blocking_send(last);

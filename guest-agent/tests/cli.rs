@@ -68,4 +68,59 @@ fn scan_json_is_the_documented_document() {
     let pages: u64 = extents.iter().map(|e| e["pages"].as_u64().unwrap()).sum();
     assert_eq!(pages, doc["summary"]["pages_reported"].as_u64().unwrap());
     assert!(pages >= 10);
+    assert_eq!(doc["summary"]["method"], "walk", "--path scans by the walk");
+}
+
+#[test]
+fn the_method_is_chosen_reported_and_checked() {
+    let fs = common::LoopFs::new(32, 4096);
+    let out = Command::new(AGENT)
+        .args([
+            "scan",
+            "--method",
+            "walk",
+            "--include-loop-devices",
+            "--path",
+        ])
+        .arg(&fs.mnt)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(stdout.contains("method walk: "), "{stdout}");
+
+    let out = Command::new(AGENT)
+        .args(["scan", "--method", "bogus"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("walk and kpageblock"), "{stderr}");
+
+    let out = Command::new(AGENT)
+        .args(["scan", "--method", "kpageblock", "--path"])
+        .arg(&fs.mnt)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("cannot be limited to paths"), "{stderr}");
+
+    let info = Command::new(AGENT).arg("info").output().unwrap();
+    let info = String::from_utf8_lossy(&info.stdout);
+    assert!(info.contains("kpageblock fast path: "), "{info}");
+    if std::path::Path::new("/proc/kpageblock").exists() {
+        return; // a patched kernel: the box tests cover the fast path
+    }
+    assert!(info.contains("does not exist"), "{info}");
+    let out = Command::new(AGENT)
+        .args(["scan", "--method", "kpageblock"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("/proc/kpageblock does not exist") && stderr.contains("--method walk"),
+        "{stderr}"
+    );
 }

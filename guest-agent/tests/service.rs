@@ -84,6 +84,11 @@ async fn info_names_version_page_size_and_capabilities() {
             "{cap} missing: {info:?}"
         );
     }
+    assert_eq!(
+        info.capabilities.iter().any(|c| c == "kpageblock"),
+        Path::new("/proc/kpageblock").exists(),
+        "kpageblock is a capability exactly when the kernel has it: {info:?}"
+    );
 }
 
 #[tokio::test]
@@ -98,6 +103,7 @@ async fn scan_streams_disks_then_extents_then_the_summary() {
         .scan(ScanRequest {
             paths: vec![fs.mnt.display().to_string()],
             time_budget_ms: 0,
+            method: String::new(),
         })
         .await
         .unwrap()
@@ -132,28 +138,52 @@ async fn scan_streams_disks_then_extents_then_the_summary() {
     }
     assert_eq!(pages, summary.pages_reported);
     assert!(pages >= 50, "the file's 50 pages are reported ({pages})");
+    assert_eq!(summary.method, "walk", "paths are scanned by the walk");
 }
 
-#[tokio::test]
-async fn scan_of_a_missing_path_is_an_invalid_argument() {
-    common::require_root();
+/// The error that ends a scan of `method` over `paths`.
+async fn scan_error(method: &str, paths: Vec<String>) -> tonic::Status {
     let served = serve(true).await;
-    let mut stream = client(&served.socket)
+    let stream = client(&served.socket)
         .await
         .scan(ScanRequest {
-            paths: vec!["/nonexistent/ditto".into()],
+            paths,
             time_budget_ms: 0,
+            method: method.into(),
         })
-        .await
-        .unwrap()
-        .into_inner();
-    let err = loop {
+        .await;
+    let mut stream = match stream {
+        Ok(stream) => stream.into_inner(),
+        Err(status) => return status,
+    };
+    loop {
         match stream.message().await {
             Ok(Some(_)) => continue,
             Ok(None) => panic!("the scan ended without an error"),
             Err(status) => break status,
         }
-    };
+    }
+}
+
+#[tokio::test]
+async fn scan_methods_are_checked() {
+    common::require_root();
+    let err = scan_error("bogus", Vec::new()).await;
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
+    let err = scan_error("kpageblock", vec!["/".into()]).await;
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
+    if Path::new("/proc/kpageblock").exists() {
+        return; // a patched kernel: the box tests cover the fast path
+    }
+    let err = scan_error("kpageblock", Vec::new()).await;
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err}");
+    assert!(err.message().contains("/proc/kpageblock"), "{err}");
+}
+
+#[tokio::test]
+async fn scan_of_a_missing_path_is_an_invalid_argument() {
+    common::require_root();
+    let err = scan_error("", vec!["/nonexistent/ditto".into()]).await;
     assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
 }
 

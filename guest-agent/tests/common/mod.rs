@@ -16,7 +16,7 @@ use std::process::Command;
 use ditto_agent::disks::Disk;
 use ditto_agent::extents::CacheExtent;
 use ditto_agent::frames::{FrameReader, PAGE_SIZE};
-use ditto_agent::scan::{self, ScanEvent, ScanOptions, Summary};
+use ditto_agent::scan::{self, Method, ScanEvent, ScanOptions, Summary};
 
 /// Fails loudly when not root: these tests need loop devices, mounts and kpageflags.
 pub fn require_root() {
@@ -231,9 +231,11 @@ pub fn scan_paths_with_hook(paths: &[&Path], after_mincore: Option<fn(&Path)>) -
     let summary = scan::scan(
         &ScanOptions {
             paths: paths.iter().map(|p| p.to_path_buf()).collect(),
+            method: Some(Method::Walk),
             time_budget: None,
             include_loop_devices: true,
             after_mincore,
+            kpageblock_path: None,
         },
         |event| {
             match event {

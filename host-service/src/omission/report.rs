@@ -107,6 +107,7 @@ async fn collect(
         .scan(pb::ScanRequest {
             paths: Vec::new(),
             time_budget_ms: budget_ms.max(1),
+            method: String::new(),
         })
         .await
         .map_err(ReportError::Rpc)?
