@@ -130,7 +130,14 @@ impl Guest {
         let dir = work.join(name);
         std::fs::create_dir_all(&dir).expect("mkdir");
         let vm = TestVm::restore(file, &dir, Some(disk), cid);
-        let status = vm.control().await.status().await.expect("status");
+        let status = bounded(RESTORE_LIMIT, vm.control().await.status(), || {
+            format!(
+                "{name}: the restored VM's status\n{}",
+                vm.process.transcript()
+            )
+        })
+        .await
+        .expect("status");
         let restored = status.restored.clone().expect("restored");
         println!(
             "measured: restore {name}: memory {} ms, disk-referenced pages {} ({} ms), total {} ms",
@@ -142,7 +149,11 @@ impl Guest {
         let mut agent = agent_when_up(&vm).await;
         // The restored guest's console and the VMM's log say more than a broken connection.
         let in_guest = async |agent: &mut AgentClient<Channel>, script: &str| {
-            try_sh(agent, script).await.unwrap_or_else(|e| {
+            bounded(RESTORE_LIMIT, try_sh(agent, script), || {
+                format!("{name}: {script:?}\n{}", vm.process.transcript())
+            })
+            .await
+            .unwrap_or_else(|e| {
                 panic!(
                     "{name}: exec of {script:?}: {e:?}\n{}",
                     vm.process.transcript()
@@ -165,6 +176,23 @@ impl Guest {
             out.trim()
         );
         (vm, agent)
+    }
+}
+
+/// How long a restore may take before the test gives up on it and shows the VMM's log.
+pub const RESTORE_LIMIT: Duration = Duration::from_secs(300);
+
+/// Awaits `work` for at most `limit`; past it, panics with `what()` (which should say what
+/// hung and include the VMM's transcript), so a hang shows its cause instead of stalling the
+/// run.
+pub async fn bounded<T>(
+    limit: Duration,
+    work: impl Future<Output = T>,
+    what: impl FnOnce() -> String,
+) -> T {
+    match tokio::time::timeout(limit, work).await {
+        Ok(value) => value,
+        Err(_) => panic!("{} did not finish within {limit:?}", what()),
     }
 }
 

@@ -52,7 +52,7 @@ const KERNEL_PANIC: &str = "Kernel panic - not syncing";
 /// The box's own kernel died before the command reported its status. Not the command's
 /// failure: QEMU's emulation of nested SVM has a defect that now and then lets the box kernel
 /// take a timer interrupt between VMRUN and the reload of its own GS base, which ends in a
-/// stack overflow on a vCPU thread (see the README's "KVM test box"). Callers may run the
+/// stack overflow on a vCPU thread (see "The box's own kernel sometimes dies" in the README). Callers may run the
 /// command again in a fresh box.
 #[derive(Debug)]
 pub struct KernelPanicked {
