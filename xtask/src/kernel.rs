@@ -159,18 +159,18 @@ fn build(
         .with_context(|| format!("{} does not apply", patch.display()))?;
     }
 
-    let make = |args: &[&str]| -> Result<()> {
-        cmd::run(
-            Command::new("make")
-                .arg("-C")
-                .arg(&source)
-                .arg(format!("O={}", objects.display()))
-                .args(args),
-        )
+    let make = |args: &[&str]| -> Command {
+        let mut make = Command::new("make");
+        make.arg("-C")
+            .arg(&source)
+            .arg(format!("O={}", objects.display()))
+            .args(args);
+        make
     };
-    make(&["-s", BASE_CONFIG])?;
+    // tinyconfig merges fragments itself and lists every override: keep that quiet.
+    cmd::output(&mut make(&["-s", BASE_CONFIG]))?;
     let config = objects.join(".config");
-    cmd::run(
+    cmd::output(
         Command::new(source.join("scripts/kconfig/merge_config.sh"))
             .current_dir(&source)
             .arg("-m")
@@ -179,7 +179,7 @@ fn build(
             .arg(&config)
             .arg(fragment),
     )?;
-    make(&["-s", "olddefconfig"])?;
+    cmd::run(&mut make(&["-s", "olddefconfig"]))?;
     let wanted =
         fs::read_to_string(fragment).with_context(|| format!("reading {}", fragment.display()))?;
     let got = fs::read_to_string(&config)?;
@@ -192,7 +192,7 @@ fn build(
     }
 
     eprintln!("kernel: make -j{jobs} bzImage");
-    make(&[&format!("-j{jobs}"), "bzImage"])?;
+    cmd::run(&mut make(&[&format!("-j{jobs}"), "bzImage"]))?;
     let bzimage = objects.join("arch/x86/boot/bzImage");
     fs::copy(&bzimage, out).with_context(|| format!("copying {}", bzimage.display()))?;
     fs::copy(&config, out.with_file_name(format!("{IMAGE_NAME}.config")))?;
