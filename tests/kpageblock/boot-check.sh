@@ -17,7 +17,8 @@ mkdir -p "$work"
 cp --sparse=always "$images/rootfs.ext4" "$work/rootfs.ext4"
 cat > "$work/check.sh" <<'GUEST'
 #!/bin/sh
-# Init of the check guest: read a file into the page cache, scan, check, power off.
+# Init of the check guest: read a file into the page cache, scan, check; a dirty file; readers
+# racing with writes, truncation and reclaim; end the VM.
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t tmpfs tmpfs /tmp
@@ -27,8 +28,31 @@ cat /usr/sbin/ditto-agent > /dev/null
 ditto-agent scan --json > /tmp/scan.json
 ditto-agent scan | tail -1
 /usr/bin/kpageblock-check /usr/sbin/ditto-agent /dev/vda --agent-json /tmp/scan.json
-echo "kpageblock-check exit $?"
-poweroff -f
+clean=$?
+# A file just written and not yet written back: its pages are dirty and have no record.
+dd if=/dev/urandom of=/kpb-dirty bs=4096 count=64 2>/dev/null
+/usr/bin/kpageblock-check --expect-none /kpb-dirty /dev/vda
+dirty=$?
+# Readers racing with writes, truncation and reclaim must not upset the kernel.
+before=$(dmesg | grep -c "BUG\|Oops\|WARNING")
+for r in 1 2; do
+    (i=0; while [ $i -lt 30 ]; do dd if=/proc/kpageblock of=/dev/null bs=65536 2>/dev/null || echo read failed; i=$((i + 1)); done) &
+done
+i=0
+while [ $i -lt 15 ]; do
+    dd if=/dev/urandom of=/kpb-churn bs=65536 count=16 2>/dev/null
+    sync
+    cat /kpb-churn > /dev/null
+    rm /kpb-churn
+    echo 3 > /proc/sys/vm/drop_caches
+    i=$((i + 1))
+done
+wait
+after=$(dmesg | grep -c "BUG\|Oops\|WARNING")
+echo "stress: 2 readers x 30 full reads beside 15 write/truncate/drop_caches rounds, kernel warnings $before -> $after"
+test "$after" = "$before" || clean=1
+echo "kpageblock-check exit $((clean + dirty))"
+reboot -f
 GUEST
 debugfs -w "$work/rootfs.ext4" >/dev/null <<CMDS
 write $musl/kpageblock-check usr/bin/kpageblock-check
@@ -39,7 +63,7 @@ CMDS
 
 flock /tmp/ditto-box.lock cargo xtask box --timeout 600 -- \
     ditto-vmm run --kernel "$images/vmlinuz-ditto" \
-    --cmdline "console=ttyS0 reboot=acpi panic=-1 pci=off init_on_alloc=0 root=/dev/vda ro init=/etc/kpageblock-check.sh" \
-    --vcpus 1 --mem-mib 256 --drive "id=root,path=$work/rootfs.ext4,ro" --console stdout \
+    --cmdline "console=ttyS0 reboot=acpi panic=-1 pci=off init_on_alloc=0 root=/dev/vda rw init=/etc/kpageblock-check.sh" \
+    --vcpus 2 --mem-mib 256 --drive "id=root,path=$work/rootfs.ext4" --console stdout \
     | tee "$work/console.log"
 grep -q "kpageblock-check exit 0" "$work/console.log"

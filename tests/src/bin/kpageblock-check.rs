@@ -3,7 +3,8 @@
 //! first) it finds the frame through `/proc/self/pagemap`, reads that frame's record and, when the
 //! record is valid, compares the page with the bytes at the record's offset on DEVICE. With
 //! `--agent-json`, the records of every frame of a `ditto-agent scan --json` report (the walk
-//! method) must give the same device and offset. It also checks the interface's edges: an
+//! method) must give the same device and offset; with `--expect-none` (a dirty file) no page may
+//! have a record. It also checks the interface's edges: an
 //! unaligned read fails with EINVAL, a read past the last frame returns nothing, and opening
 //! without CAP_SYS_ADMIN fails with EPERM. Exits 0 when everything held.
 
@@ -32,6 +33,9 @@ struct Args {
     /// A `ditto-agent scan --json` report to compare with.
     #[arg(long)]
     agent_json: Option<PathBuf>,
+    /// FILE is dirty (written, not yet written back): no page of it may have a record.
+    #[arg(long)]
+    expect_none: bool,
 }
 
 /// One /proc/kpageblock record.
@@ -145,6 +149,12 @@ fn check_file(
         let pfn = entry & ((1 << 55) - 1);
         let rec = record(kpb, pfn)?;
         let whole = bytes.len() == PAGE;
+        if args.expect_none {
+            if rec.flags & KPB_MAPPED != 0 {
+                failures.push(format!("page {page} of the dirty file has a record {rec:?}"));
+            }
+            continue;
+        }
         if rec.flags & KPB_MAPPED == 0 {
             if whole {
                 println!("page {page} (frame {pfn:#x}): no record");
@@ -176,7 +186,7 @@ fn check_file(
         "file {}: {len} bytes, {pages} pages, {valid} with a record, {equal} equal to the disk",
         args.file.display()
     );
-    if valid == 0 {
+    if valid == 0 && !args.expect_none {
         failures.push("no page of the file has a record".into());
     }
     Ok(())
