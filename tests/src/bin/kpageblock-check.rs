@@ -151,7 +151,9 @@ fn check_file(
         let whole = bytes.len() == PAGE;
         if args.expect_none {
             if rec.flags & KPB_MAPPED != 0 {
-                failures.push(format!("page {page} of the dirty file has a record {rec:?}"));
+                failures.push(format!(
+                    "page {page} of the dirty file has a record {rec:?}"
+                ));
             }
             continue;
         }
