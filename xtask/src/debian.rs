@@ -120,13 +120,13 @@ fn newest_cached(meta: &str) -> Result<Option<String>> {
 }
 
 /// Downloads `package`'s .deb into the cache (once) and returns its path.
-fn download(package: &str) -> Result<PathBuf> {
+pub fn download(package: &str) -> Result<PathBuf> {
     let dir = paths::cache_dir().join("debs");
     fs::create_dir_all(&dir)?;
     if let Some(deb) = find_deb(&dir, package)? {
         return Ok(deb);
     }
-    println!("images: downloading {package}");
+    println!("debian: downloading {package}");
     let out = Command::new("apt-get")
         .current_dir(&dir)
         .args(["download", "-q", package])

@@ -1,11 +1,12 @@
-//! `cargo xtask`: ditto's automation — machine setup, guest images, the KVM test box, the test
-//! pipeline, the demo and the benchmark. Run `cargo xtask --help` for the commands.
+//! `cargo xtask`: ditto's automation — machine setup, guest images, the patched guest kernel,
+//! the KVM test box, the test pipeline, the demo and the benchmark. Run `cargo xtask --help` for the commands.
 
 mod cmd;
 mod debian;
 mod demo;
 mod images;
 mod initramfs;
+mod kernel;
 mod paths;
 mod qemu;
 mod setup;
@@ -29,6 +30,8 @@ enum Command {
     Setup,
     /// Build the guest images (vmlinuz, initramfs.img, rootfs.ext4) and print their paths.
     Images(images::ImagesArgs),
+    /// Build the patched guest kernel (kernel-patch/: /proc/kpageblock) as vmlinuz-ditto.
+    Kernel(kernel::KernelArgs),
     /// Run a command inside the KVM test box (or natively with --native).
     #[command(name = "box")]
     Box(testbox::BoxArgs),
@@ -45,6 +48,7 @@ fn main() {
     let result = match cli.command {
         Command::Setup => setup::ensure(setup::Report::Always).map(|()| 0),
         Command::Images(args) => images::run(&args).map(|()| 0),
+        Command::Kernel(args) => kernel::run(&args).map(|()| 0),
         Command::Box(args) => testbox::run(&args),
         Command::Test(args) => test::run(&args).map(|()| 0),
         Command::Demo(args) => demo::demo(&args),

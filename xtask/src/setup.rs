@@ -18,6 +18,16 @@ pub const PACKAGES: &[(&str, &str)] = &[
     ("kmod", "depmod for the guest kernel's modules.dep"),
     ("musl-tools", "C code in static musl builds"),
     ("util-linux", "losetup and mount for tests on ext4 images"),
+    ("gcc", "building the patched guest kernel"),
+    ("libc6-dev", "the kernel build's host programs"),
+    ("make", "building the patched guest kernel"),
+    ("flex", "the kernel's configuration parser"),
+    ("bison", "the kernel's configuration parser"),
+    ("bc", "the kernel build's constants"),
+    ("libelf-dev", "the kernel build's objtool"),
+    ("libssl-dev", "the kernel build's signing tools"),
+    ("xz-utils", "unpacking linux-source-6.1"),
+    ("patch", "applying kernel-patch/"),
 ];
 
 /// rustup components the checks need.

@@ -1,0 +1,303 @@
+//! `kpageblock-check`: runs inside a guest with the patched kernel (`cargo xtask kernel`) and
+//! checks `/proc/kpageblock` against the truth. For every page of FILE (read into the page cache
+//! first) it finds the frame through `/proc/self/pagemap`, reads that frame's record and, when the
+//! record is valid, compares the page with the bytes at the record's offset on DEVICE. With
+//! `--agent-json`, the records of every frame of a `ditto-agent scan --json` report (the walk
+//! method) must give the same device and offset; with `--expect-none` (a dirty file) no page may
+//! have a record. It also checks the interface's edges: an
+//! unaligned read fails with EINVAL, a read past the last frame returns nothing, and opening
+//! without CAP_SYS_ADMIN fails with EPERM. Exits 0 when everything held.
+
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+
+const PAGE: usize = 4096;
+const RECORD: u64 = 16;
+const KPB_MAPPED: u32 = 1;
+const KPB_BDEV: u32 = 2;
+/// The capability number of CAP_SYS_ADMIN.
+const CAP_SYS_ADMIN: u32 = 21;
+
+/// Check /proc/kpageblock against a cached file, its disk and the agent's walk.
+#[derive(Parser)]
+struct Args {
+    /// A regular file on DEVICE's file system.
+    file: PathBuf,
+    /// The block device the file system is on (e.g. /dev/vda).
+    device: PathBuf,
+    /// A `ditto-agent scan --json` report to compare with.
+    #[arg(long)]
+    agent_json: Option<PathBuf>,
+    /// FILE is dirty (written, not yet written back): no page of it may have a record.
+    #[arg(long)]
+    expect_none: bool,
+}
+
+/// One /proc/kpageblock record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Record {
+    dev: u32,
+    flags: u32,
+    offset: u64,
+}
+
+fn record(kpb: &File, pfn: u64) -> Result<Record> {
+    let mut raw = [0u8; RECORD as usize];
+    kpb.read_exact_at(&mut raw, pfn * RECORD)
+        .with_context(|| format!("reading the record of frame {pfn:#x}"))?;
+    let word = |at: usize| u32::from_ne_bytes([raw[at], raw[at + 1], raw[at + 2], raw[at + 3]]);
+    let mut offset = [0u8; 8];
+    offset.copy_from_slice(&raw[8..16]);
+    Ok(Record {
+        dev: word(0),
+        flags: word(4),
+        offset: u64::from_ne_bytes(offset),
+    })
+}
+
+/// The kernel's `new_encode_dev`.
+fn encode_dev(major: u32, minor: u32) -> u32 {
+    (minor & 0xff) | (major << 8) | ((minor & !0xff) << 12)
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let kpb = File::open("/proc/kpageblock").context("opening /proc/kpageblock")?;
+    let device =
+        File::open(&args.device).with_context(|| format!("opening {}", args.device.display()))?;
+    let rdev = device.metadata()?.rdev();
+    let dev = encode_dev(libc::major(rdev), libc::minor(rdev));
+
+    let mut failures = Vec::new();
+    check_file(&args, &kpb, &device, dev, &mut failures)?;
+    if let Some(report) = &args.agent_json {
+        check_agent(report, &kpb, dev, &mut failures)?;
+    }
+    census(&kpb)?;
+    check_edges(&mut failures)?;
+
+    if failures.is_empty() {
+        println!("kpageblock-check: ok");
+        Ok(())
+    } else {
+        for failure in failures.iter().take(20) {
+            println!("FAIL {failure}");
+        }
+        bail!("{} checks failed", failures.len())
+    }
+}
+
+/// Every page of the file: its frame's record, and the bytes on the device.
+fn check_file(
+    args: &Args,
+    kpb: &File,
+    device: &File,
+    dev: u32,
+    failures: &mut Vec<String>,
+) -> Result<()> {
+    let mut file =
+        File::open(&args.file).with_context(|| format!("opening {}", args.file.display()))?;
+    let mut contents = Vec::new();
+    file.read_to_end(&mut contents)?;
+    let len = contents.len();
+    if len < 2 * PAGE {
+        bail!(
+            "{} is too small to check ({len} bytes)",
+            args.file.display()
+        );
+    }
+    let pages = len.div_ceil(PAGE);
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&file);
+    // SAFETY: a fresh read-only shared mapping of a file we hold open; it is only read through
+    // the slice below while `map` lives, and unmapped before returning.
+    let map = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            fd,
+            0,
+        )
+    };
+    if map == libc::MAP_FAILED {
+        bail!("mmap: {}", std::io::Error::last_os_error());
+    }
+    // SAFETY: `map` is a readable mapping of `len` bytes (checked above).
+    let mapped = unsafe { std::slice::from_raw_parts(map.cast::<u8>(), len) };
+    let pagemap = File::open("/proc/self/pagemap").context("opening /proc/self/pagemap")?;
+    let (mut valid, mut equal) = (0usize, 0usize);
+    let mut block = vec![0u8; PAGE];
+    for page in 0..pages {
+        let start = page * PAGE;
+        // Touch the page so that it is mapped, then ask where it is.
+        let bytes = &mapped[start..len.min(start + PAGE)];
+        std::hint::black_box(bytes[0]);
+        let mut entry = [0u8; 8];
+        let virt = map as usize + start;
+        pagemap.read_exact_at(&mut entry, (virt / PAGE * 8) as u64)?;
+        let entry = u64::from_ne_bytes(entry);
+        if entry >> 63 == 0 {
+            failures.push(format!("page {page} of the file is not present"));
+            continue;
+        }
+        let pfn = entry & ((1 << 55) - 1);
+        let rec = record(kpb, pfn)?;
+        let whole = bytes.len() == PAGE;
+        if args.expect_none {
+            if rec.flags & KPB_MAPPED != 0 {
+                failures.push(format!(
+                    "page {page} of the dirty file has a record {rec:?}"
+                ));
+            }
+            continue;
+        }
+        if rec.flags & KPB_MAPPED == 0 {
+            if whole {
+                println!("page {page} (frame {pfn:#x}): no record");
+            }
+            continue;
+        }
+        if !whole {
+            failures.push(format!("the partial last page {page} has a record {rec:?}"));
+            continue;
+        }
+        valid += 1;
+        if rec.dev != dev || rec.flags != KPB_MAPPED {
+            failures.push(format!("page {page}: record {rec:?}, device {dev:#x}"));
+            continue;
+        }
+        device.read_exact_at(&mut block, rec.offset)?;
+        if block == bytes && bytes == &contents[start..start + PAGE] {
+            equal += 1;
+        } else {
+            failures.push(format!(
+                "page {page}: the bytes at {:#x} differ",
+                rec.offset
+            ));
+        }
+    }
+    // SAFETY: unmapping the mapping made above; `mapped` is not used after this.
+    unsafe { libc::munmap(map, len) };
+    println!(
+        "file {}: {len} bytes, {pages} pages, {valid} with a record, {equal} equal to the disk",
+        args.file.display()
+    );
+    if valid == 0 && !args.expect_none {
+        failures.push("no page of the file has a record".into());
+    }
+    Ok(())
+}
+
+/// The agent's walk and kpageblock must agree on every frame the agent reports.
+fn check_agent(report: &PathBuf, kpb: &File, dev: u32, failures: &mut Vec<String>) -> Result<()> {
+    let text =
+        std::fs::read_to_string(report).with_context(|| format!("reading {}", report.display()))?;
+    let doc: serde_json::Value = serde_json::from_str(&text).context("parsing the report")?;
+    let extents = doc["cache_extents"]
+        .as_array()
+        .context("the report has no cache_extents")?;
+    let (mut pages, mut agree, mut missing) = (0u64, 0u64, 0u64);
+    for extent in extents {
+        let field = |name: &str| {
+            extent[name]
+                .as_u64()
+                .with_context(|| format!("an extent without {name}: {extent}"))
+        };
+        let (pfn, count, offset) = (field("pfn")?, field("pages")?, field("offset")?);
+        for i in 0..count {
+            pages += 1;
+            let rec = record(kpb, pfn + i)?;
+            let want = offset + i * PAGE as u64;
+            if rec.flags & KPB_MAPPED == 0 {
+                missing += 1;
+            } else if rec.dev == dev && rec.offset == want {
+                agree += 1;
+            } else {
+                failures.push(format!(
+                    "frame {:#x}: the agent says {want:#x}, kpageblock {rec:?}",
+                    pfn + i
+                ));
+            }
+        }
+    }
+    println!(
+        "agent walk: {} extents, {pages} pages; kpageblock agrees on {agree}, has no record for {missing}",
+        extents.len()
+    );
+    if agree == 0 {
+        failures.push("kpageblock agrees with the agent on no page".into());
+    }
+    Ok(())
+}
+
+/// How many frames have a record, and how many of those are the device's own cache.
+fn census(kpb: &File) -> Result<()> {
+    let mut reader = std::io::BufReader::with_capacity(1 << 16, kpb);
+    reader.seek(SeekFrom::Start(0))?;
+    let mut raw = Vec::new();
+    let started = std::time::Instant::now();
+    reader.read_to_end(&mut raw)?;
+    let (mut frames, mut valid, mut bdev) = (0u64, 0u64, 0u64);
+    for chunk in raw.chunks_exact(RECORD as usize) {
+        frames += 1;
+        let flags = u32::from_ne_bytes([chunk[4], chunk[5], chunk[6], chunk[7]]);
+        if flags & KPB_MAPPED != 0 {
+            valid += 1;
+            if flags & KPB_BDEV != 0 {
+                bdev += 1;
+            }
+        }
+    }
+    println!(
+        "census: {frames} frames read in {:.3} s, {valid} with a record ({bdev} of a block device's own cache)",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// EINVAL for an unaligned read, nothing past the end, EPERM without CAP_SYS_ADMIN.
+fn check_edges(failures: &mut Vec<String>) -> Result<()> {
+    let kpb = File::open("/proc/kpageblock")?;
+    let mut buf = [0u8; 32];
+    match kpb.read_at(&mut buf, 8) {
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
+        other => failures.push(format!("an unaligned offset read gave {other:?}")),
+    }
+    match kpb.read_at(&mut buf[..24], 0) {
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
+        other => failures.push(format!("an unaligned length read gave {other:?}")),
+    }
+    match kpb.read_at(&mut buf, 1 << 60) {
+        Ok(0) => {}
+        other => failures.push(format!("a read past the end gave {other:?}")),
+    }
+    // Drop CAP_SYS_ADMIN from the effective set (keep it permitted) and open again.
+    let mut header = [0x2008_0522u32, 0]; // _LINUX_CAPABILITY_VERSION_3, this process
+    let mut data = [0u32; 6]; // two __user_cap_data_struct: effective, permitted, inheritable
+    // SAFETY: capget with a version 3 header and room for its two data structs.
+    if unsafe { libc::syscall(libc::SYS_capget, header.as_mut_ptr(), data.as_mut_ptr()) } != 0 {
+        bail!("capget: {}", std::io::Error::last_os_error());
+    }
+    data[0] &= !(1 << CAP_SYS_ADMIN);
+    // SAFETY: capset with the header and data capget filled, less one effective bit.
+    if unsafe { libc::syscall(libc::SYS_capset, header.as_mut_ptr(), data.as_ptr()) } != 0 {
+        bail!("capset: {}", std::io::Error::last_os_error());
+    }
+    match File::open("/proc/kpageblock") {
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => {}
+        other => failures.push(format!("opening without CAP_SYS_ADMIN gave {other:?}")),
+    }
+    data[0] |= 1 << CAP_SYS_ADMIN;
+    // SAFETY: as above, restoring the bit.
+    if unsafe { libc::syscall(libc::SYS_capset, header.as_mut_ptr(), data.as_ptr()) } != 0 {
+        bail!("capset: {}", std::io::Error::last_os_error());
+    }
+    println!("edges: unaligned reads, the end of the file and the capability check done");
+    Ok(())
+}
