@@ -25,10 +25,24 @@ mount -t tmpfs tmpfs /tmp
 echo "guest kernel $(uname -r)"
 ls -l /proc/kpageblock
 cat /usr/sbin/ditto-agent > /dev/null
-ditto-agent scan --json > /tmp/scan.json
-ditto-agent scan | tail -1
+ditto-agent scan --method walk --json > /tmp/scan.json
 /usr/bin/kpageblock-check /usr/sbin/ditto-agent /dev/vda --agent-json /tmp/scan.json
 clean=$?
+# Walk against fast path over the same page cache, three times each, alternating.
+cat /usr/bin/* /usr/sbin/* /bin/* > /dev/null 2>&1
+for i in 1 2 3; do
+    for m in walk kpageblock; do
+        echo "scan $m: $(ditto-agent scan --method $m | grep -E '^method|reported')"
+    done
+done
+# A file unlinked while open keeps its page cache, which only the fast path can see.
+head -c 1048576 /dev/urandom > /kpb-unlinked
+sync
+exec 3< /kpb-unlinked
+cat /kpb-unlinked > /dev/null
+rm /kpb-unlinked
+/usr/bin/kpageblock-check /proc/self/fd/3 /dev/vda || clean=1
+exec 3<&-
 # A file just written and not yet written back: its pages are dirty and have no record.
 dd if=/dev/urandom of=/kpb-dirty bs=4096 count=64 2>/dev/null
 /usr/bin/kpageblock-check --expect-none /kpb-dirty /dev/vda
