@@ -42,7 +42,6 @@ fn root_copy(dir: &Path, vm: &str) -> PathBuf {
 /// `dittoctl create NAME` arguments: 1 vCPU, 256 MiB, the guest images, `root` as its disk.
 fn create_args(name: &str, root: &Path, cmdline: &str, read_only: bool) -> Vec<String> {
     let kernel = guest_kernel(&images_dir().expect("images"));
-    let s = |p: PathBuf| p.to_str().expect("utf8").to_owned();
     let mut args = vec!["create".into(), name.into()];
     args.extend(kernel.args());
     args.extend([

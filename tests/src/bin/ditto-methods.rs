@@ -141,24 +141,15 @@ fn table(args: &Args, rows: &[Row]) -> String {
         "rejected",
         "restored"
     ));
-    let fields = |m: &Measurement| {
-        let o = m.omission.clone().unwrap_or_default();
-        let rejected = o.rejected_guest_write
-            + o.rejected_vmm_write
-            + o.rejected_disk_write
-            + o.rejected_validation
-            + o.rejected_verification;
-        (
-            o.scan_us as f64 / 1e3,
-            o.pages_reported_cache as f64,
-            o.pages_omitted_cache as f64,
-            m.stored_bytes as f64 / f64::from(1 << 20),
-            m.checkpoint_ms,
-            rejected,
-        )
-    };
     for r in rows {
-        let (scan, reported, omitted, stored, pause, rejected) = fields(&r.measured);
+        let Figures {
+            scan,
+            reported,
+            omitted,
+            stored,
+            pause,
+            rejected,
+        } = Figures::of(&r.measured);
         let restored = match r.measured.restore {
             Some(x) if x.verified => "verified",
             Some(_) => "NOT verified",
@@ -170,15 +161,15 @@ fn table(args: &Args, rows: &[Row]) -> String {
             r.method
         ));
     }
-    let mean = |method: &str, pick: fn(&(f64, f64, f64, f64, f64, u64)) -> f64| {
+    let mean = |method: &str, pick: fn(&Figures) -> f64| {
         let values: Vec<f64> = rows
             .iter()
             .filter(|r| r.method == method)
-            .map(|r| pick(&fields(&r.measured)))
+            .map(|r| pick(&Figures::of(&r.measured)))
             .collect();
         values.iter().sum::<f64>() / values.len().max(1) as f64
     };
-    let ratio = |name: &str, pick: fn(&(f64, f64, f64, f64, f64, u64)) -> f64| {
+    let ratio = |name: &str, pick: fn(&Figures) -> f64| {
         let (walk, fast) = (mean("walk", pick), mean("kpageblock", pick));
         let r = if walk > 0.0 {
             format!("{:.3}", fast / walk)
@@ -188,10 +179,44 @@ fn table(args: &Args, rows: &[Row]) -> String {
         format!("  {name}: walk {walk:.1}, kpageblock {fast:.1}, kpageblock / walk {r}\n")
     };
     out.push_str("means over the rounds (reported, not asserted):\n");
-    out.push_str(&ratio("scan ms", |f| f.0));
-    out.push_str(&ratio("pages reported", |f| f.1));
-    out.push_str(&ratio("pages omitted", |f| f.2));
-    out.push_str(&ratio("stored MiB", |f| f.3));
-    out.push_str(&ratio("pause ms", |f| f.4));
+    out.push_str(&ratio("scan ms", |f| f.scan));
+    out.push_str(&ratio("pages reported", |f| f.reported));
+    out.push_str(&ratio("pages omitted", |f| f.omitted));
+    out.push_str(&ratio("stored MiB", |f| f.stored));
+    out.push_str(&ratio("pause ms", |f| f.pause));
     out
+}
+
+/// The figures of one checkpoint the table shows.
+struct Figures {
+    /// The agent's scan as the VMM timed it, ms.
+    scan: f64,
+    /// Pages the agent reported as clean page cache.
+    reported: f64,
+    /// Of those, pages the VMM omitted.
+    omitted: f64,
+    /// Bytes stored, MiB.
+    stored: f64,
+    /// The pause, ms.
+    pause: f64,
+    /// Reported pages refused, all reasons.
+    rejected: u64,
+}
+
+impl Figures {
+    fn of(m: &Measurement) -> Self {
+        let o = m.omission.clone().unwrap_or_default();
+        Self {
+            scan: o.scan_us as f64 / 1e3,
+            reported: o.pages_reported_cache as f64,
+            omitted: o.pages_omitted_cache as f64,
+            stored: m.stored_bytes as f64 / f64::from(1 << 20),
+            pause: m.checkpoint_ms,
+            rejected: o.rejected_guest_write
+                + o.rejected_vmm_write
+                + o.rejected_disk_write
+                + o.rejected_validation
+                + o.rejected_verification,
+        }
+    }
 }
