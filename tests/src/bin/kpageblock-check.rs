@@ -13,7 +13,7 @@
 use std::collections::HashSet;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
@@ -43,6 +43,10 @@ struct Args {
     #[arg(long, requires = "agent_json")]
     in_report: bool,
 }
+
+/// A page-aligned buffer of one page, as O_DIRECT reads need.
+#[repr(align(4096))]
+struct AlignedPage([u8; PAGE]);
 
 /// One /proc/kpageblock record.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -74,8 +78,14 @@ fn encode_dev(major: u32, minor: u32) -> u32 {
 fn main() -> Result<()> {
     let args = Args::parse();
     let kpb = File::open("/proc/kpageblock").context("opening /proc/kpageblock")?;
-    let device =
-        File::open(&args.device).with_context(|| format!("opening {}", args.device.display()))?;
+    // O_DIRECT: the device's bytes without passing through its page cache, whose pages would
+    // otherwise become records of the device's own cache (aliases of the file's blocks) and
+    // count as metadata in the census.
+    let device = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(&args.device)
+        .with_context(|| format!("opening {} with O_DIRECT", args.device.display()))?;
     let rdev = device.metadata()?.rdev();
     let dev = encode_dev(libc::major(rdev), libc::minor(rdev));
 
@@ -142,7 +152,7 @@ fn check_file(
     let pagemap = File::open("/proc/self/pagemap").context("opening /proc/self/pagemap")?;
     let (mut valid, mut equal, mut in_report) = (0usize, 0usize, 0usize);
     let is_reported = |pfn: u64| reported.is_some_and(|r| r.contains(&pfn));
-    let mut block = vec![0u8; PAGE];
+    let mut block = Box::new(AlignedPage([0u8; PAGE]));
     for page in 0..pages {
         let start = page * PAGE;
         // Touch the page so that it is mapped, then ask where it is.
@@ -194,8 +204,8 @@ fn check_file(
             failures.push(format!("page {page}: record {rec:?}, device {dev:#x}"));
             continue;
         }
-        device.read_exact_at(&mut block, rec.offset)?;
-        if block == bytes && bytes == &contents[start..start + PAGE] {
+        device.read_exact_at(&mut block.0, rec.offset)?;
+        if block.0 == bytes && bytes == &contents[start..start + PAGE] {
             equal += 1;
         } else {
             failures.push(format!(
