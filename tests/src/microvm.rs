@@ -41,21 +41,108 @@ pub enum MicrovmError {
     },
 }
 
-/// The folder with `vmlinuz`, `initramfs.img` and `rootfs.ext4`, from `$DITTO_IMAGES`.
+/// The folder with `rootfs.ext4` and the kernel files [`guest_kernel`] chooses (`vmlinuz` and
+/// `initramfs.img`, or `vmlinuz-ditto`), from `$DITTO_IMAGES`.
 pub fn images_dir() -> Result<PathBuf, MicrovmError> {
     let dir = std::env::var_os("DITTO_IMAGES")
         .filter(|d| !d.is_empty())
         .map(PathBuf::from)
         .ok_or_else(|| MicrovmError::Images("DITTO_IMAGES is not set".into()))?;
-    for name in ["vmlinuz", "initramfs.img", "rootfs.ext4"] {
-        if !dir.join(name).is_file() {
-            return Err(MicrovmError::Images(format!(
-                "{} has no {name}",
-                dir.display()
-            )));
+    if !dir.join("rootfs.ext4").is_file() {
+        return Err(MicrovmError::Images(format!(
+            "{} has no rootfs.ext4",
+            dir.display()
+        )));
+    }
+    KernelChoice::from_env()?.in_images(&dir)?;
+    Ok(dir)
+}
+
+/// The environment variable that chooses the guest kernel of the end-to-end tests: `stock`
+/// (the default) or `ditto`.
+pub const GUEST_KERNEL_ENV: &str = "DITTO_GUEST_KERNEL";
+
+/// Which guest kernel a test boots.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KernelChoice {
+    /// Debian's cloud kernel `vmlinuz` with the modules in `initramfs.img`.
+    Stock,
+    /// The patched kernel `vmlinuz-ditto` of `cargo xtask kernel` (`/proc/kpageblock`),
+    /// everything built in, no initramfs.
+    Ditto,
+}
+
+impl KernelChoice {
+    /// The choice of `$DITTO_GUEST_KERNEL`: unset or empty is [`KernelChoice::Stock`]; a value
+    /// other than `stock` or `ditto` is an error.
+    pub fn from_env() -> Result<Self, MicrovmError> {
+        let value = std::env::var(GUEST_KERNEL_ENV).unwrap_or_default();
+        match value.as_str() {
+            "" | "stock" => Ok(Self::Stock),
+            "ditto" => Ok(Self::Ditto),
+            other => Err(MicrovmError::Images(format!(
+                "{GUEST_KERNEL_ENV}={other:?}: the guest kernel is `stock` or `ditto`"
+            ))),
         }
     }
-    Ok(dir)
+
+    /// The kernel files of this choice in the images folder `images`; an error names the
+    /// missing file and the command that builds it.
+    pub fn in_images(self, images: &Path) -> Result<GuestKernel, MicrovmError> {
+        let (kernel, initrd, build) = match self {
+            Self::Stock => (
+                images.join("vmlinuz"),
+                Some(images.join("initramfs.img")),
+                "cargo xtask images",
+            ),
+            Self::Ditto => (images.join("vmlinuz-ditto"), None, "cargo xtask kernel"),
+        };
+        for file in std::iter::once(&kernel).chain(initrd.as_ref()) {
+            if !file.is_file() {
+                return Err(MicrovmError::Images(format!(
+                    "the {self:?} guest kernel needs {} (built by `{build}`)",
+                    file.display()
+                )));
+            }
+        }
+        Ok(GuestKernel {
+            choice: self,
+            kernel,
+            initrd,
+        })
+    }
+}
+
+/// The kernel, and the initramfs if it needs one, that a test guest boots.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GuestKernel {
+    /// Which kernel it is.
+    pub choice: KernelChoice,
+    /// The bzImage.
+    pub kernel: PathBuf,
+    /// The initramfs (`None` for the patched kernel, which has everything built in).
+    pub initrd: Option<PathBuf>,
+}
+
+impl GuestKernel {
+    /// `--kernel PATH` and, with an initramfs, `--initrd PATH`: the arguments of `ditto-vmm
+    /// run` and of `dittoctl create` that boot this kernel.
+    pub fn args(&self) -> Vec<String> {
+        let mut args = vec!["--kernel".to_owned(), self.kernel.display().to_string()];
+        if let Some(initrd) = &self.initrd {
+            args.extend(["--initrd".to_owned(), initrd.display().to_string()]);
+        }
+        args
+    }
+}
+
+/// The guest kernel every test that boots a guest uses: the one `$DITTO_GUEST_KERNEL` chooses
+/// ([`KernelChoice::from_env`]) in the images folder `images`. Panics with the reason when the
+/// choice is invalid or its files are missing (a test must fail then, not skip).
+pub fn guest_kernel(images: &Path) -> GuestKernel {
+    KernelChoice::from_env()
+        .and_then(|choice| choice.in_images(images))
+        .unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// An extra virtio disk for the guest.
@@ -77,9 +164,23 @@ impl Drop for Qemu {
 }
 
 /// Boots the images in `images` with the root disk (serial `root`) and `disks` (as /dev/vdb,
-/// /dev/vdc, …), appends `cmdline` to the kernel command line, and returns every console line up
-/// to and including the first that contains `expect`. QEMU is killed then.
+/// /dev/vdc, …) and the kernel [`guest_kernel`] chooses, appends `cmdline` to the kernel command
+/// line, and returns every console line up to and including the first that contains `expect`.
+/// QEMU is killed then.
 pub fn boot_until(
+    images: &Path,
+    disks: &[Disk<'_>],
+    cmdline: &str,
+    expect: &str,
+    timeout: Duration,
+) -> Result<Vec<String>, MicrovmError> {
+    let kernel = KernelChoice::from_env()?.in_images(images)?;
+    boot_kernel_until(&kernel, images, disks, cmdline, expect, timeout)
+}
+
+/// [`boot_until`] with the kernel `kernel` (for tests about one kernel in particular).
+pub fn boot_kernel_until(
+    kernel: &GuestKernel,
     images: &Path,
     disks: &[Disk<'_>],
     cmdline: &str,
@@ -105,21 +206,22 @@ pub fn boot_until(
         "512",
     ])
     .arg("-kernel")
-    .arg(images.join("vmlinuz"))
-    .arg("-initrd")
-    .arg(images.join("initramfs.img"))
-    .arg("-append")
-    // Under emulation the kernel's TSC calibration against the PIT can fail, and microvm
-    // has no other reference clock: give it the TSC frequency instead of hanging the boot.
-    .arg(format!(
-        "console=ttyS0 root=/dev/vda panic=-1 tsc_early_khz=2000000 {cmdline}"
-    ))
-    .arg("-drive")
-    .arg(format!(
-        "id=root,file={},format=raw,if=none,snapshot=on",
-        images.join("rootfs.ext4").display()
-    ))
-    .args(["-device", "virtio-blk-device,drive=root,serial=root"]);
+    .arg(&kernel.kernel);
+    if let Some(initrd) = &kernel.initrd {
+        qemu.arg("-initrd").arg(initrd);
+    }
+    qemu.arg("-append")
+        // Under emulation the kernel's TSC calibration against the PIT can fail, and microvm
+        // has no other reference clock: give it the TSC frequency instead of hanging the boot.
+        .arg(format!(
+            "console=ttyS0 root=/dev/vda panic=-1 tsc_early_khz=2000000 {cmdline}"
+        ))
+        .arg("-drive")
+        .arg(format!(
+            "id=root,file={},format=raw,if=none,snapshot=on",
+            images.join("rootfs.ext4").display()
+        ))
+        .args(["-device", "virtio-blk-device,drive=root,serial=root"]);
     for (i, disk) in disks.iter().enumerate() {
         qemu.arg("-drive")
             .arg(format!(

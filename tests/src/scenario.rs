@@ -612,6 +612,18 @@ impl Scenario {
         mode: Mode,
         restore: bool,
     ) -> Result<Measurement> {
+        self.measure_through(workload, mode, restore, None).await
+    }
+
+    /// [`Self::measure`] with the agent on vsock port `agent_port` (`None`: the default
+    /// agent), e.g. a second agent forced to one scan method.
+    pub async fn measure_through(
+        &mut self,
+        workload: &str,
+        mode: Mode,
+        restore: bool,
+        agent_port: Option<u32>,
+    ) -> Result<Measurement> {
         let file = self.dir.join(format!("{mode}.ditto"));
         let disk = self.dir.join(format!("{mode}-root.ext4"));
         for stale in [&file, &disk] {
@@ -624,6 +636,7 @@ impl Scenario {
                 after: AfterCheckpoint::Resume,
                 mode,
                 scan_timeout: Some(SCAN_TIMEOUT),
+                agent_port,
                 drive_copies: vec![("root".into(), disk.clone())],
                 ..Default::default()
             })

@@ -14,7 +14,7 @@ use ditto_host::vmm::config::{Console, DEFAULT_CMDLINE, VmConfig, parse_drive};
 use ditto_proto::agent::v1::agent_client::AgentClient;
 use tonic::transport::Channel;
 
-use crate::microvm::images_dir;
+use crate::microvm::{GuestKernel, guest_kernel, images_dir};
 use crate::workload::sh;
 
 pub use ditto_host::agent::AGENT_PORT;
@@ -71,8 +71,8 @@ pub enum WaitError {
     },
 }
 
-/// A VM for [`ditto_host::vmm::Vmm::build`] in this process: the guest images of `images`, the
-/// read-only root image, `/bin/sh -c SCRIPT` as init (the script must not contain a double
+/// A VM for [`ditto_host::vmm::Vmm::build`] in this process: the guest images of `images` with
+/// the kernel [`guest_kernel`] chooses, the read-only root image, `/bin/sh -c SCRIPT` as init (the script must not contain a double
 /// quote), the console in the file `console`, and the default devices (a balloon, no vsock).
 pub fn shell_guest_config(
     images: &Path,
@@ -82,9 +82,10 @@ pub fn shell_guest_config(
     script: &str,
 ) -> VmConfig {
     let root = format!("id=root,path={},ro", images.join("rootfs.ext4").display());
+    let GuestKernel { kernel, initrd, .. } = guest_kernel(images);
     VmConfig {
-        kernel: images.join("vmlinuz"),
-        initrd: Some(images.join("initramfs.img")),
+        kernel,
+        initrd,
         cmdline: format!(
             "{DEFAULT_CMDLINE} quiet root=/dev/vda ro init=/bin/sh -- -c \"{script}\""
         ),
@@ -115,17 +116,24 @@ impl Drop for VmmProcess {
 }
 
 impl VmmProcess {
-    /// Starts `ditto-vmm run` with the guest images of `images`, the root disk given as a
-    /// `--drive` value, console in `dir/console.log`, standard error in `dir/vmm.stderr` and
+    /// Starts `ditto-vmm run` with the guest images of `images` and the kernel [`guest_kernel`]
+    /// chooses, the root disk given as a `--drive` value, console in `dir/console.log`, standard error in `dir/vmm.stderr` and
     /// `extra` arguments.
     pub fn spawn(images: &Path, root: &str, dir: &Path, cmdline: &str, extra: &[&str]) -> Self {
+        Self::spawn_kernel(&guest_kernel(images), root, dir, cmdline, extra)
+    }
+
+    /// [`Self::spawn`] with the kernel `kernel` (for tests about one kernel in particular).
+    pub fn spawn_kernel(
+        kernel: &GuestKernel,
+        root: &str,
+        dir: &Path,
+        cmdline: &str,
+        extra: &[&str],
+    ) -> Self {
         let mut command = Command::new("ditto-vmm");
+        command.arg("run").args(kernel.args());
         command
-            .arg("run")
-            .arg("--kernel")
-            .arg(images.join("vmlinuz"))
-            .arg("--initrd")
-            .arg(images.join("initramfs.img"))
             .arg("--cmdline")
             .arg(format!("{BASE_CMDLINE} {cmdline}"))
             .arg("--drive")
@@ -364,6 +372,20 @@ impl TestVm {
         mem_mib: u64,
         cmdline: &str,
     ) -> Self {
+        let kernel = guest_kernel(&images_dir().unwrap_or_else(|e| panic!("{e}")));
+        Self::boot_kernel(&kernel, dir, root, cid, mem_mib, cmdline)
+    }
+
+    /// [`TestVm::boot_with_cmdline`] with the kernel `kernel` (for tests about one kernel in
+    /// particular).
+    pub fn boot_kernel(
+        kernel: &GuestKernel,
+        dir: &Path,
+        root: &Path,
+        cid: u32,
+        mem_mib: u64,
+        cmdline: &str,
+    ) -> Self {
         let (uds, control, mut args) = Self::sockets(dir, cid);
         args.extend([
             "--vcpus".into(),
@@ -372,8 +394,8 @@ impl TestVm {
             mem_mib.to_string(),
         ]);
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let process = VmmProcess::spawn(
-            &images_dir().expect("images"),
+        let process = VmmProcess::spawn_kernel(
+            kernel,
             &format!("id=root,path={}", root.display()),
             dir,
             cmdline,

@@ -8,7 +8,7 @@
 use std::path::{Path, PathBuf};
 
 use ditto_tests::dittod::Daemon;
-use ditto_tests::microvm::images_dir;
+use ditto_tests::microvm::{guest_kernel, images_dir};
 use ditto_tests::vmm::{BASE_CMDLINE, sparse_copy};
 use ditto_tests::workload::{CONTROL, WORKLOAD};
 use serde_json::Value;
@@ -94,22 +94,19 @@ fn checkpoints_restore_as_clones_through_dittod_and_bad_requests_are_refused() {
     let root = work.path().join("root.ext4");
     sparse_copy(&images.join("rootfs.ext4"), &root).expect("root copy");
     let s = |p: PathBuf| p.to_str().expect("utf8").to_owned();
-    daemon.ctl_json(&[
-        "create",
-        "origin",
-        "--kernel",
-        &s(images.join("vmlinuz")),
-        "--initrd",
-        &s(images.join("initramfs.img")),
-        "--cmdline",
-        &format!("{BASE_CMDLINE} rw"),
-        "--vcpus",
-        "1",
-        "--mem-mib",
-        "512",
-        "--drive",
-        &format!("id=root,path={}", root.display()),
+    let mut create = vec!["create".to_owned(), "origin".into()];
+    create.extend(guest_kernel(&images).args());
+    create.extend([
+        "--cmdline".into(),
+        format!("{BASE_CMDLINE} rw"),
+        "--vcpus".into(),
+        "1".into(),
+        "--mem-mib".into(),
+        "512".into(),
+        "--drive".into(),
+        format!("id=root,path={}", root.display()),
     ]);
+    daemon.ctl_json(&create.iter().map(String::as_str).collect::<Vec<_>>());
     daemon.ctl_json(&["start", "origin", "--wait", "--wait-timeout", BOOT_SECS]);
     let (code, out) = sh(
         &daemon,

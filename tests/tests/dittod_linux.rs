@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use ditto_proto::host::v1 as pb;
 use ditto_tests::dittod::{Daemon, alive, bzimage_release, signal, vmm_pids};
-use ditto_tests::microvm::images_dir;
+use ditto_tests::microvm::{guest_kernel, images_dir};
 use ditto_tests::vmm::{BASE_CMDLINE, sparse_copy};
 use serde_json::Value;
 use tonic::Code;
@@ -41,15 +41,10 @@ fn root_copy(dir: &Path, vm: &str) -> PathBuf {
 
 /// `dittoctl create NAME` arguments: 1 vCPU, 256 MiB, the guest images, `root` as its disk.
 fn create_args(name: &str, root: &Path, cmdline: &str, read_only: bool) -> Vec<String> {
-    let images = images_dir().expect("images");
-    let s = |p: PathBuf| p.to_str().expect("utf8").to_owned();
-    vec![
-        "create".into(),
-        name.into(),
-        "--kernel".into(),
-        s(images.join("vmlinuz")),
-        "--initrd".into(),
-        s(images.join("initramfs.img")),
+    let kernel = guest_kernel(&images_dir().expect("images"));
+    let mut args = vec!["create".into(), name.into()];
+    args.extend(kernel.args());
+    args.extend([
         "--cmdline".into(),
         format!("{BASE_CMDLINE} {cmdline}"),
         "--vcpus".into(),
@@ -62,7 +57,8 @@ fn create_args(name: &str, root: &Path, cmdline: &str, read_only: bool) -> Vec<S
             root.display(),
             if read_only { ",ro" } else { "" }
         ),
-    ]
+    ]);
+    args
 }
 
 fn strs(v: &[String]) -> Vec<&str> {
@@ -163,7 +159,7 @@ fn a_vm_lives_its_whole_life_through_dittoctl() {
     assert!(running["uptime_ms"].as_u64() > Some(0), "{running}");
 
     // The guest runs the image's kernel.
-    let release = bzimage_release(&images_dir().expect("images").join("vmlinuz"));
+    let release = bzimage_release(&guest_kernel(&images_dir().expect("images")).kernel);
     assert!(release.starts_with("6.1."), "{release}");
     assert_eq!(exec(&daemon, "alpha", &["uname", "-r"]).trim(), release);
     // The guest program's exit status is dittoctl's.
@@ -352,11 +348,11 @@ fn a_restarted_daemon_reattaches_to_its_running_vm() {
 
 /// A VM spec over the guest images (1 vCPU, 256 MiB) with `root` as its disk.
 fn spec(root: &Path, cmdline: &str, read_only: bool) -> pb::VmSpec {
-    let images = images_dir().expect("images");
+    let kernel = guest_kernel(&images_dir().expect("images"));
     let s = |p: PathBuf| p.to_str().expect("utf8").to_owned();
     pb::VmSpec {
-        kernel: s(images.join("vmlinuz")),
-        initrd: Some(s(images.join("initramfs.img"))),
+        kernel: s(kernel.kernel),
+        initrd: kernel.initrd.map(s),
         cmdline: format!("{BASE_CMDLINE} {cmdline}"),
         vcpus: 1,
         memory_mib: 256,
@@ -723,8 +719,12 @@ fn every_error_code_means_what_it_says() {
     args[1] = "mute".into();
     daemon.ctl_fails(&strs(&args), "AlreadyExists");
     args[1] = "big".into();
-    args[11] = (1u64 << 24).to_string();
-    assert_eq!(args[10], "--mem-mib");
+    // Where --mem-mib is depends on the kernel's arguments (an initramfs or none).
+    let mem = 1 + args
+        .iter()
+        .position(|a| a == "--mem-mib")
+        .expect("create_args gives --mem-mib");
+    args[mem] = (1u64 << 24).to_string();
     daemon.ctl_fails(&strs(&args), "ResourceExhausted");
     let out = daemon.ctl(&["--json", "get", "ghost"]);
     assert_eq!(out.status.code(), Some(1));

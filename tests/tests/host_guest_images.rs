@@ -1,9 +1,11 @@
 //! The guest images boot: run on the development machine under QEMU's microvm (software
-//! emulation, ACPI-described virtio-mmio) by `cargo xtask test` once the images are built.
+//! emulation, ACPI-described virtio-mmio) by `cargo xtask test` once the images are built. These
+//! are about the stock kernel and its initramfs, so they boot it whatever `$DITTO_GUEST_KERNEL`
+//! says.
 
 use std::time::{Duration, Instant};
 
-use ditto_tests::microvm::{boot_until, images_dir};
+use ditto_tests::microvm::{KernelChoice, boot_kernel_until, images_dir};
 
 const BOOT: Duration = Duration::from_secs(180);
 
@@ -14,7 +16,8 @@ fn the_root_disks_init_mounts_the_system_and_starts_the_agent() {
     let started = Instant::now();
     // rcS prints its line once /proc, /sys and /dev are mounted; then init starts the agent,
     // which logs on the console when it listens on vsock.
-    let console = boot_until(&images, &[], "", "ditto-agent serving", BOOT).unwrap();
+    let stock = KernelChoice::Stock.in_images(&images).unwrap();
+    let console = boot_kernel_until(&stock, &images, &[], "", "ditto-agent serving", BOOT).unwrap();
     assert!(
         console.iter().any(|l| l.contains("ditto guest: up")),
         "the agent ran before rcS finished:\n{}",
@@ -31,7 +34,9 @@ fn the_initramfs_honours_init_and_passes_its_arguments() {
         "init=/bin/sh -- -c \"mount -t sysfs sysfs /sys; ",
         "echo ditto-init-ok:$(cat /sys/block/vda/serial):$(cat /etc/hostname); poweroff -f\""
     );
-    boot_until(
+    let stock = KernelChoice::Stock.in_images(&images).unwrap();
+    boot_kernel_until(
+        &stock,
         &images,
         &[],
         cmdline,

@@ -2,7 +2,9 @@
 //! release musl binaries), then run the in-box programs `ditto-demo` and `ditto-bench` (crate
 //! `ditto-tests`) with a real KVM: inside the KVM test box, or on this host when it has
 //! hardware virtualisation. `bench --json FILE` has `ditto-bench` write its records to a file
-//! below the shared target folder and copies it to FILE.
+//! below the shared target folder and copies it to FILE. `bench --methods` builds the patched
+//! guest kernel too and runs `ditto-methods` on it instead: the agent's walk against the
+//! kernel's fast path on one page cache.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -10,7 +12,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 
 use crate::testbox::{self, BoxArgs};
-use crate::{images, paths, setup};
+use crate::{images, kernel, paths, setup};
 
 /// Memory of the box: a 1 GiB guest and a restored clone of it at once, with the guest's disk,
 /// its copy and a checkpoint file in the box's RAM-backed /tmp.
@@ -31,8 +33,12 @@ pub struct BenchArgs {
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
     /// A quarter of the sizes, for a faster run.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "methods")]
     pub quick: bool,
+    /// Instead of the four workloads: on the patched guest kernel, ditto checkpoints through
+    /// the agent's walk and through the kernel fast path (/proc/kpageblock) of one page cache.
+    #[arg(long, conflicts_with = "json")]
+    pub methods: bool,
     /// Time limit of the run in the box, in seconds.
     #[arg(long, default_value_t = 5400, value_name = "SECONDS")]
     pub box_timeout: u64,
@@ -45,6 +51,16 @@ pub fn demo(args: &DemoArgs) -> Result<i32> {
 
 /// `cargo xtask bench`: returns `ditto-bench`'s exit status.
 pub fn bench(args: &BenchArgs) -> Result<i32> {
+    if args.methods {
+        setup::ensure(setup::Report::Changes)?;
+        let image = kernel::ensure(&kernel::KernelArgs::default())?;
+        eprintln!("xtask bench --methods: guest kernel {}", image.display());
+        let command = "DITTO_GUEST_KERNEL=ditto exec ditto-methods";
+        return with_kvm(
+            vec!["sh".into(), "-c".into(), command.into()],
+            args.box_timeout,
+        );
+    }
     let mut command = vec!["ditto-bench".to_owned()];
     if args.quick {
         command.push("--quick".into());

@@ -32,6 +32,13 @@ const GUEST_MODULES: &[&str] = &[
 const GUEST_BINARIES: &[(&str, &str, &str)] = &[
     ("ditto-agent", "ditto-agent", "usr/sbin/ditto-agent"),
     ("ditto-workload", "ditto-workload", "usr/bin/ditto-workload"),
+    // Checks /proc/kpageblock against the disk in guests of the patched kernel
+    // (tests/tests/kpageblock_linux.rs); on the stock kernel it has nothing to read.
+    (
+        "ditto-tests",
+        "kpageblock-check",
+        "usr/bin/kpageblock-check",
+    ),
 ];
 
 /// The agent's OpenRC service script, for Alpine root disks.

@@ -32,7 +32,7 @@ const CONFIG_FRAGMENT: &str = "ditto-guest.config";
 pub const IMAGE_NAME: &str = "vmlinuz-ditto";
 
 /// Options of `cargo xtask kernel`.
-#[derive(clap::Args)]
+#[derive(clap::Args, Default)]
 pub struct KernelArgs {
     /// Parallel make jobs (default: the number of CPUs).
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1024))]
@@ -42,6 +42,14 @@ pub struct KernelArgs {
 /// The command: set up, build if anything changed, print the image's path.
 pub fn run(args: &KernelArgs) -> Result<()> {
     setup::ensure(setup::Report::Changes)?;
+    let image = ensure(args)?;
+    println!("{}", image.display());
+    Ok(())
+}
+
+/// Builds `vmlinuz-ditto` if the series, the fragment or the source package changed (the
+/// machine set up already) and returns its path.
+pub fn ensure(args: &KernelArgs) -> Result<PathBuf> {
     let patches = paths::workspace().join("kernel-patch");
     let series = read_series(&patches)?;
     let fragment = patches.join(CONFIG_FRAGMENT);
@@ -82,8 +90,7 @@ pub fn run(args: &KernelArgs) -> Result<()> {
             image.display()
         );
     }
-    println!("{}", image.display());
-    Ok(())
+    Ok(image)
 }
 
 /// The patches named by `dir/series`, in order (blank lines and `#` comments skipped).

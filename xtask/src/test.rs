@@ -1,6 +1,7 @@
 //! `cargo xtask test`: the whole test pipeline, the README's test command and what CI runs.
 //! Format and lint checks, unit and integration tests on this machine (as root: loop devices,
-//! ext4, the local /dev/kvm), then the end-to-end tests inside the KVM test box.
+//! ext4, the local /dev/kvm), the guest images and the patched guest kernel, then the
+//! end-to-end tests inside the KVM test box, once with each guest kernel.
 
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -9,7 +10,7 @@ use anyhow::{Context, Result, bail};
 
 use crate::paths::MUSL_TARGET;
 use crate::testbox::{self, BoxArgs};
-use crate::{cmd, images, setup};
+use crate::{cmd, images, kernel, setup};
 
 /// The package holding the end-to-end tests.
 const E2E_PACKAGE: &str = "ditto-tests";
@@ -26,6 +27,17 @@ const BOX_ATTEMPTS: u32 = 3;
 /// run inside the KVM test box.
 const HOST_PREFIX: &str = "host_";
 
+/// The variable that chooses the end-to-end tests' guest kernel (`ditto_tests::microvm`).
+const GUEST_KERNEL_ENV: &str = "DITTO_GUEST_KERNEL";
+
+/// The guest kernels the box tests run on, in order: Debian's with its initramfs, then the
+/// patched one of `cargo xtask kernel`.
+const GUEST_KERNELS: [&str; 2] = ["stock", "ditto"];
+
+/// Box test targets about the patched kernel alone: they boot it whatever the variable says, so
+/// they run once, with the `ditto` pass.
+const DITTO_KERNEL_ONLY: &[&str] = &["kpageblock_linux"];
+
 /// One end-to-end test executable.
 struct TestExecutable {
     /// The test target's name (the file name in `tests/tests/`).
@@ -37,8 +49,8 @@ struct TestExecutable {
 /// Options of `cargo xtask test`.
 #[derive(clap::Args)]
 pub struct TestArgs {
-    /// Time limit of the end-to-end run in the box, in seconds.
-    #[arg(long, default_value_t = 2400, value_name = "SECONDS")]
+    /// Time limit of the end-to-end runs in the box (both kernels), in seconds.
+    #[arg(long, default_value_t = 5400, value_name = "SECONDS")]
     pub box_timeout: u64,
 }
 
@@ -64,6 +76,9 @@ pub fn run(args: &TestArgs) -> Result<()> {
     let guest = step("guest images", || {
         images::build(&images::ImagesArgs::default())
     })?;
+    step("patched guest kernel (vmlinuz-ditto)", || {
+        kernel::ensure(&kernel::KernelArgs::default())
+    })?;
     let executables = step("end-to-end test build", e2e_executables)?;
     let (on_host, in_box): (Vec<_>, Vec<_>) = executables
         .into_iter()
@@ -74,48 +89,64 @@ pub fn run(args: &TestArgs) -> Result<()> {
             cmd::run(
                 Command::new(&test.executable)
                     .args(["--include-ignored", "--test-threads=1"])
-                    .env("DITTO_IMAGES", &guest.dir),
+                    .env("DITTO_IMAGES", &guest.dir)
+                    .env(GUEST_KERNEL_ENV, "stock"),
             )
             .with_context(|| format!("end-to-end test {} failed", test.name))?;
         }
         Ok(())
     })?;
-    step("end-to-end tests in the KVM test box", || {
-        let deadline = Instant::now() + Duration::from_secs(args.box_timeout);
-        let mut failed = Vec::new();
-        let mut reruns = Vec::new();
-        for test in &in_box {
-            match run_in_box(test, deadline, &mut reruns)? {
-                0 => {}
-                _ => failed.push(test.name.as_str()),
+    step(
+        "end-to-end tests in the KVM test box, on both guest kernels",
+        || {
+            let deadline = Instant::now() + Duration::from_secs(args.box_timeout);
+            let mut failed = Vec::new();
+            let mut reruns = Vec::new();
+            for guest_kernel in GUEST_KERNELS {
+                for test in &in_box {
+                    let only_ditto = DITTO_KERNEL_ONLY.contains(&test.name.as_str());
+                    if only_ditto && guest_kernel != "ditto" {
+                        continue;
+                    }
+                    match run_in_box(test, guest_kernel, deadline, &mut reruns)? {
+                        0 => {}
+                        _ => failed.push(format!("{} ({guest_kernel} kernel)", test.name)),
+                    }
+                }
             }
-        }
-        if !reruns.is_empty() {
-            println!(
-                "box: the box's kernel panicked {} time(s) and the test ran again in a fresh box: {}",
-                reruns.len(),
-                reruns.join(", ")
-            );
-        }
-        if !failed.is_empty() {
-            bail!("end-to-end tests failed in the box: {}", failed.join(", "));
-        }
-        Ok(())
-    })?;
+            if !reruns.is_empty() {
+                println!(
+                    "box: the box's kernel panicked {} time(s) and the test ran again in a fresh box: {}",
+                    reruns.len(),
+                    reruns.join(", ")
+                );
+            }
+            if !failed.is_empty() {
+                bail!("end-to-end tests failed in the box: {}", failed.join(", "));
+            }
+            Ok(())
+        },
+    )?;
     println!("xtask test: all steps passed");
     Ok(())
 }
 
-/// Runs one end-to-end test executable in a fresh box and returns its exit status. When the
-/// box's own kernel dies under it (`testbox::KernelPanicked`, a defect of the emulator, not of
-/// the test), the whole executable runs again in a new box, at most `BOX_ATTEMPTS` times in
-/// all; each such rerun is named in `reruns`. A test that fails is never run again.
-fn run_in_box(test: &TestExecutable, deadline: Instant, reruns: &mut Vec<String>) -> Result<i32> {
+/// Runs one end-to-end test executable in a fresh box with the guest kernel `guest_kernel`
+/// (`stock` or `ditto`) and returns its exit status. When the box's own kernel dies under it
+/// (`testbox::KernelPanicked`, a defect of the emulator, not of the test), the whole executable
+/// runs again in a new box, at most `BOX_ATTEMPTS` times in all; each such rerun is named in
+/// `reruns`. A test that fails is never run again.
+fn run_in_box(
+    test: &TestExecutable,
+    guest_kernel: &str,
+    deadline: Instant,
+    reruns: &mut Vec<String>,
+) -> Result<i32> {
     let exe = testbox::shell_quote(&test.executable);
     let mut attempt = 1;
     loop {
         println!(
-            "box: running {} (attempt {attempt} of {BOX_ATTEMPTS})",
+            "box: running {} on the {guest_kernel} guest kernel (attempt {attempt} of {BOX_ATTEMPTS})",
             test.name
         );
         let left = deadline.saturating_duration_since(Instant::now()).as_secs();
@@ -131,7 +162,10 @@ fn run_in_box(test: &TestExecutable, deadline: Instant, reruns: &mut Vec<String>
             command: vec![
                 "sh".into(),
                 "-c".into(),
-                format!("exec {exe} --include-ignored --test-threads=1"),
+                format!(
+                    "export {GUEST_KERNEL_ENV}={guest_kernel}; \
+                     exec {exe} --include-ignored --test-threads=1"
+                ),
             ],
         });
         match outcome {
@@ -142,10 +176,18 @@ fn run_in_box(test: &TestExecutable, deadline: Instant, reruns: &mut Vec<String>
                         "box: {} did not finish: {panic}\nbox: running {} again in a fresh box",
                         test.name, test.name
                     );
-                    reruns.push(format!("{} (attempt {attempt})", test.name));
+                    reruns.push(format!(
+                        "{} ({guest_kernel} kernel, attempt {attempt})",
+                        test.name
+                    ));
                     attempt += 1;
                 }
-                _ => return Err(e.context(format!("end-to-end test {}", test.name))),
+                _ => {
+                    return Err(e.context(format!(
+                        "end-to-end test {} ({guest_kernel} kernel)",
+                        test.name
+                    )));
+                }
             },
         }
     }

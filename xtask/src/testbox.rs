@@ -263,6 +263,8 @@ fn run_in_box(args: &BoxArgs) -> Result<i32> {
         "RUST_LOG",
         "RUST_TEST_THREADS",
         "NO_COLOR",
+        // stock or ditto: the guest kernel of the end-to-end tests (ditto_tests::microvm).
+        "DITTO_GUEST_KERNEL",
     ] {
         if let Ok(value) = std::env::var(name) {
             env.push((name.to_owned(), value));

@@ -227,6 +227,7 @@ pub fn omission_json(o: Option<&ditto_proto::vmm::v1::OmissionReport>) -> Value 
         "verified": { "pages": o.pages_verified, "mismatched": o.pages_mismatched },
         "scan_ms": o.scan_us / 1000,
         "hint_ms": o.hint_us / 1000,
+        "scan_method": o.scan_method,
         "degraded": o.degraded,
         "guest_frames": o.guest_frames,
         "floor_bytes": floor_bytes,

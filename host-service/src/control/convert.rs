@@ -159,6 +159,7 @@ impl From<OmissionReport> for pb::OmissionReport {
             hint_us: r.hint_us,
             degraded: r.degraded,
             guest_frames: r.guest_frames.into_iter().collect(),
+            scan_method: r.scan_method,
         }
     }
 }
@@ -181,6 +182,7 @@ impl From<pb::OmissionReport> for OmissionReport {
             hint_us: r.hint_us,
             degraded: r.degraded,
             guest_frames: r.guest_frames.into_iter().collect(),
+            scan_method: r.scan_method,
         }
     }
 }

@@ -133,6 +133,9 @@ pub struct OmissionReport {
     pub degraded: Vec<String>,
     /// The guest's frames by kind, from the agent's census of /proc/kpageflags.
     pub guest_frames: BTreeMap<String, u64>,
+    /// How the agent found the pages, from its scan summary: `walk` or `kpageblock` (`other`
+    /// for anything else the guest said); empty without a scan.
+    pub scan_method: String,
 }
 
 impl OmissionReport {

@@ -112,6 +112,7 @@ impl Vmm {
         match report::fetch(&vsock.uds, port, guest_pages, timeout) {
             Ok(agent) => {
                 report.guest_frames = agent.summary.guest_frames.clone().into_iter().collect();
+                report.scan_method = scan_method(&agent.summary.method).to_owned();
                 if agent.summary.budget_exhausted {
                     report.degrade(
                         "the agent's scan ran out of time before it had walked every file; \
@@ -259,4 +260,28 @@ fn hash_threads() -> usize {
 
 fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// The scan method an agent named in its summary, as the report keeps it: the guest is not
+/// trusted, so only the two names the agent knows are kept verbatim.
+fn scan_method(said: &str) -> &'static str {
+    match said {
+        "walk" => "walk",
+        "kpageblock" => "kpageblock",
+        "" => "",
+        _ => "other",
+    }
+}
+
+#[cfg(test)]
+mod scan_method_tests {
+    use super::scan_method;
+
+    #[test]
+    fn only_known_methods_are_kept() {
+        assert_eq!(scan_method("walk"), "walk");
+        assert_eq!(scan_method("kpageblock"), "kpageblock");
+        assert_eq!(scan_method(""), "");
+        assert_eq!(scan_method(&"x".repeat(10_000)), "other");
+    }
 }

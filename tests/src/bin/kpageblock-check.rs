@@ -2,15 +2,18 @@
 //! checks `/proc/kpageblock` against the truth. For every page of FILE (read into the page cache
 //! first) it finds the frame through `/proc/self/pagemap`, reads that frame's record and, when the
 //! record is valid, compares the page with the bytes at the record's offset on DEVICE. With
-//! `--agent-json`, the records of every frame of a `ditto-agent scan --json` report (the walk
-//! method) must give the same device and offset; with `--expect-none` (a dirty file) no page may
-//! have a record. It also checks the interface's edges: an
+//! `--agent-json`, the records of every frame of a `ditto-agent scan --json` report (either
+//! method) must give the same device and offset, and it counts those of the device's own cache;
+//! with `--in-report` as well, every page of FILE that has a record must be in that report. With
+//! `--expect-none` (a dirty file) no page may have a record, nor be in the report. It also
+//! checks the interface's edges: an
 //! unaligned read fails with EINVAL, a read past the last frame returns nothing, and opening
 //! without CAP_SYS_ADMIN fails with EPERM. Exits 0 when everything held.
 
+use std::collections::HashSet;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
@@ -36,7 +39,14 @@ struct Args {
     /// FILE is dirty (written, not yet written back): no page of it may have a record.
     #[arg(long)]
     expect_none: bool,
+    /// Every page of FILE with a record must be in the `--agent-json` report.
+    #[arg(long, requires = "agent_json")]
+    in_report: bool,
 }
+
+/// A page-aligned buffer of one page, as O_DIRECT reads need.
+#[repr(align(4096))]
+struct AlignedPage([u8; PAGE]);
 
 /// One /proc/kpageblock record.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -68,16 +78,23 @@ fn encode_dev(major: u32, minor: u32) -> u32 {
 fn main() -> Result<()> {
     let args = Args::parse();
     let kpb = File::open("/proc/kpageblock").context("opening /proc/kpageblock")?;
-    let device =
-        File::open(&args.device).with_context(|| format!("opening {}", args.device.display()))?;
+    // O_DIRECT: the device's bytes without passing through its page cache, whose pages would
+    // otherwise become records of the device's own cache (aliases of the file's blocks) and
+    // count as metadata in the census.
+    let device = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(&args.device)
+        .with_context(|| format!("opening {} with O_DIRECT", args.device.display()))?;
     let rdev = device.metadata()?.rdev();
     let dev = encode_dev(libc::major(rdev), libc::minor(rdev));
 
     let mut failures = Vec::new();
-    check_file(&args, &kpb, &device, dev, &mut failures)?;
-    if let Some(report) = &args.agent_json {
-        check_agent(report, &kpb, dev, &mut failures)?;
-    }
+    let reported = match &args.agent_json {
+        Some(report) => Some(check_agent(report, &kpb, dev, &mut failures)?),
+        None => None,
+    };
+    check_file(&args, &kpb, &device, dev, reported.as_ref(), &mut failures)?;
     census(&kpb)?;
     check_edges(&mut failures)?;
 
@@ -92,12 +109,14 @@ fn main() -> Result<()> {
     }
 }
 
-/// Every page of the file: its frame's record, and the bytes on the device.
+/// Every page of the file: its frame's record, the bytes on the device, and whether the agent's
+/// report (the frames in `reported`) names it.
 fn check_file(
     args: &Args,
     kpb: &File,
     device: &File,
     dev: u32,
+    reported: Option<&HashSet<u64>>,
     failures: &mut Vec<String>,
 ) -> Result<()> {
     let mut file =
@@ -131,8 +150,9 @@ fn check_file(
     // SAFETY: `map` is a readable mapping of `len` bytes (checked above).
     let mapped = unsafe { std::slice::from_raw_parts(map.cast::<u8>(), len) };
     let pagemap = File::open("/proc/self/pagemap").context("opening /proc/self/pagemap")?;
-    let (mut valid, mut equal) = (0usize, 0usize);
-    let mut block = vec![0u8; PAGE];
+    let (mut valid, mut equal, mut in_report) = (0usize, 0usize, 0usize);
+    let is_reported = |pfn: u64| reported.is_some_and(|r| r.contains(&pfn));
+    let mut block = Box::new(AlignedPage([0u8; PAGE]));
     for page in 0..pages {
         let start = page * PAGE;
         // Touch the page so that it is mapped, then ask where it is.
@@ -155,6 +175,11 @@ fn check_file(
                     "page {page} of the dirty file has a record {rec:?}"
                 ));
             }
+            if is_reported(pfn) {
+                failures.push(format!(
+                    "page {page} (frame {pfn:#x}) of the dirty file is in the agent's report"
+                ));
+            }
             continue;
         }
         if rec.flags & KPB_MAPPED == 0 {
@@ -168,12 +193,19 @@ fn check_file(
             continue;
         }
         valid += 1;
+        if is_reported(pfn) {
+            in_report += 1;
+        } else if args.in_report {
+            failures.push(format!(
+                "page {page} (frame {pfn:#x}) has a record but is not in the agent's report"
+            ));
+        }
         if rec.dev != dev || rec.flags != KPB_MAPPED {
             failures.push(format!("page {page}: record {rec:?}, device {dev:#x}"));
             continue;
         }
-        device.read_exact_at(&mut block, rec.offset)?;
-        if block == bytes && bytes == &contents[start..start + PAGE] {
+        device.read_exact_at(&mut block.0, rec.offset)?;
+        if block.0 == bytes && bytes == &contents[start..start + PAGE] {
             equal += 1;
         } else {
             failures.push(format!(
@@ -185,7 +217,8 @@ fn check_file(
     // SAFETY: unmapping the mapping made above; `mapped` is not used after this.
     unsafe { libc::munmap(map, len) };
     println!(
-        "file {}: {len} bytes, {pages} pages, {valid} with a record, {equal} equal to the disk",
+        "file {}: {len} bytes, {pages} pages, {valid} with a record, {equal} equal to the disk, \
+         {in_report} in the agent's report",
         args.file.display()
     );
     if valid == 0 && !args.expect_none {
@@ -194,15 +227,23 @@ fn check_file(
     Ok(())
 }
 
-/// The agent's walk and kpageblock must agree on every frame the agent reports.
-fn check_agent(report: &PathBuf, kpb: &File, dev: u32, failures: &mut Vec<String>) -> Result<()> {
+/// The agent's report and /proc/kpageblock must agree on every frame the agent reports; returns
+/// those frames.
+fn check_agent(
+    report: &PathBuf,
+    kpb: &File,
+    dev: u32,
+    failures: &mut Vec<String>,
+) -> Result<HashSet<u64>> {
     let text =
         std::fs::read_to_string(report).with_context(|| format!("reading {}", report.display()))?;
     let doc: serde_json::Value = serde_json::from_str(&text).context("parsing the report")?;
     let extents = doc["cache_extents"]
         .as_array()
         .context("the report has no cache_extents")?;
-    let (mut pages, mut agree, mut missing) = (0u64, 0u64, 0u64);
+    let method = doc["summary"]["method"].as_str().unwrap_or("(no method)");
+    let (mut pages, mut agree, mut missing, mut bdev) = (0u64, 0u64, 0u64, 0u64);
+    let mut frames = HashSet::new();
     for extent in extents {
         let field = |name: &str| {
             extent[name]
@@ -212,12 +253,16 @@ fn check_agent(report: &PathBuf, kpb: &File, dev: u32, failures: &mut Vec<String
         let (pfn, count, offset) = (field("pfn")?, field("pages")?, field("offset")?);
         for i in 0..count {
             pages += 1;
+            frames.insert(pfn + i);
             let rec = record(kpb, pfn + i)?;
             let want = offset + i * PAGE as u64;
             if rec.flags & KPB_MAPPED == 0 {
                 missing += 1;
             } else if rec.dev == dev && rec.offset == want {
                 agree += 1;
+                if rec.flags & KPB_BDEV != 0 {
+                    bdev += 1;
+                }
             } else {
                 failures.push(format!(
                     "frame {:#x}: the agent says {want:#x}, kpageblock {rec:?}",
@@ -227,13 +272,14 @@ fn check_agent(report: &PathBuf, kpb: &File, dev: u32, failures: &mut Vec<String
         }
     }
     println!(
-        "agent walk: {} extents, {pages} pages; kpageblock agrees on {agree}, has no record for {missing}",
+        "agent {method}: {} extents, {pages} pages; kpageblock agrees on {agree} \
+         ({bdev} of the device's own cache), has no record for {missing}",
         extents.len()
     );
     if agree == 0 {
         failures.push("kpageblock agrees with the agent on no page".into());
     }
-    Ok(())
+    Ok(frames)
 }
 
 /// How many frames have a record, and how many of those are the device's own cache.
