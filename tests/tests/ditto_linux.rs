@@ -28,10 +28,10 @@
 //!    preserved first (copy before write), so the checkpoint restores on the VM's own disk
 //!    with the old bytes; deleting a checkpoint ends the preserving.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
-use ditto_host::control::{AfterCheckpoint, CheckpointResult, CheckpointSpec, VmmClient};
+use ditto_host::control::{AfterCheckpoint, CheckpointSpec};
 use ditto_host::omission::{Mode, Verification};
 use ditto_proto::agent::v1::agent_client::AgentClient;
 use ditto_tests::microvm::images_dir;
@@ -101,25 +101,6 @@ const GUEST: Guest = Guest {
     mem_mib: MEM_MIB,
     files: FILES,
 };
-
-/// A ditto checkpoint of the running VM into `dir/NAME.ditto`, its root disk copied to
-/// `dir/NAME.ext4` while paused.
-async fn ditto(
-    control: &VmmClient,
-    dir: &Path,
-    name: &str,
-    verification: Verification,
-    agent_port: Option<u32>,
-    scan_timeout: Option<Duration>,
-) -> (CheckpointResult, PathBuf, PathBuf) {
-    let take = Take {
-        verification,
-        agent_port,
-        scan_timeout,
-        ..Take::default()
-    };
-    GUEST.checkpoint(control, dir, name, take).await
-}
 
 /// The byte offset on the root disk of the first cached page of /data/raw/r1, from the
 /// agent's own scan of that folder.
@@ -195,8 +176,11 @@ fn ditto_checkpoints_never_restore_wrong_memory() {
         std::fs::create_dir_all(&ckpts).expect("mkdir");
 
         // 1. Read-heavy, undisturbed, every reported page compared with the disk.
-        let (r1, file1, disk1) =
-            ditto(&control, &ckpts, "quiet", Verification::Full, None, None).await;
+        let take = Take {
+            verification: Verification::Full,
+            ..Take::default()
+        };
+        let (r1, file1, disk1) = GUEST.checkpoint(&control, &ckpts, "quiet", take).await;
         let o1 = r1.omission.clone().expect("report");
         assert!(
             agent_degradations(&o1).is_empty(),
@@ -241,15 +225,9 @@ fn ditto_checkpoints_never_restore_wrong_memory() {
         )
         .await;
         tokio::time::sleep(Duration::from_secs(2)).await;
-        let (r2, file2, disk2) = ditto(
-            &control,
-            &ckpts,
-            "writes",
-            Verification::DirtyLog,
-            None,
-            None,
-        )
-        .await;
+        let (r2, file2, disk2) = GUEST
+            .checkpoint(&control, &ckpts, "writes", Take::default())
+            .await;
         let o2 = r2.omission.clone().expect("report");
         assert!(agent_degradations(&o2).is_empty(), "{:?}", o2.degraded);
         assert!(
@@ -287,15 +265,11 @@ fn ditto_checkpoints_never_restore_wrong_memory() {
         // 2b. The raw writes left r1's cached page stale: clean in the guest's eyes, different
         // from the disk, and written before any tracking was armed. Full verification (done
         // while the guest runs) sees the difference, distrusts the report and saves its pages.
-        let (r2b, file2b, disk2b) = ditto(
-            &control,
-            &ckpts,
-            "stale-full",
-            Verification::Full,
-            None,
-            None,
-        )
-        .await;
+        let take = Take {
+            verification: Verification::Full,
+            ..Take::default()
+        };
+        let (r2b, file2b, disk2b) = GUEST.checkpoint(&control, &ckpts, "stale-full", take).await;
         let o2b = r2b.omission.clone().expect("report");
         assert!(o2b.pages_mismatched > 0, "the stale page differs: {o2b:?}");
         assert_eq!(r2b.pages_disk, 0, "a distrusted report omits nothing");
@@ -308,15 +282,9 @@ fn ditto_checkpoints_never_restore_wrong_memory() {
         }
         // With the dirty log alone the stale page is referenced; the restore's hash check
         // refuses the checkpoint rather than give the guest the disk's bytes.
-        let (_, file2c, disk2c) = ditto(
-            &control,
-            &ckpts,
-            "stale-unverified",
-            Verification::DirtyLog,
-            None,
-            None,
-        )
-        .await;
+        let (_, file2c, disk2c) = GUEST
+            .checkpoint(&control, &ckpts, "stale-unverified", Take::default())
+            .await;
         refused(work, "stale-unverified", &file2c, &disk2c, 13);
         discard(&[&file2c, &disk2c]);
         // The page cache agrees with the disk again.
@@ -327,15 +295,9 @@ fn ditto_checkpoints_never_restore_wrong_memory() {
         sh(&mut agent, "cat /data/workload/* /data/extra/* > /dev/null").await;
         detach(&mut agent, "pressure", &PRESSURE.replace("SECS", &secs)).await;
         tokio::time::sleep(Duration::from_secs(1)).await;
-        let (r3, file3, disk3) = ditto(
-            &control,
-            &ckpts,
-            "pressure",
-            Verification::DirtyLog,
-            None,
-            None,
-        )
-        .await;
+        let (r3, file3, disk3) = GUEST
+            .checkpoint(&control, &ckpts, "pressure", Take::default())
+            .await;
         assert!(agent_degradations(r3.omission.as_ref().expect("report")).is_empty());
         sh(&mut agent, &stop("pressure")).await;
         {
@@ -357,15 +319,9 @@ fn ditto_checkpoints_never_restore_wrong_memory() {
         detach(&mut agent, "killer", KILLER).await;
         // The killer takes the agent's CPU time once this exec is done with.
         tokio::time::sleep(Duration::from_millis(800)).await;
-        let (r4, file4, disk4) = ditto(
-            &control,
-            &ckpts,
-            "killed",
-            Verification::DirtyLog,
-            None,
-            None,
-        )
-        .await;
+        let (r4, file4, disk4) = GUEST
+            .checkpoint(&control, &ckpts, "killed", Take::default())
+            .await;
         let o4 = r4.omission.clone().expect("report");
         assert_eq!(r4.pages_disk, 0, "nothing is omitted as cache: {o4:?}");
         assert!(!agent_degradations(&o4).is_empty(), "the result says why");
@@ -382,15 +338,11 @@ fn ditto_checkpoints_never_restore_wrong_memory() {
         }
 
         // 4b. A scan that cannot finish in time.
-        let (r4b, _, disk4b) = ditto(
-            &control,
-            &ckpts,
-            "slow",
-            Verification::DirtyLog,
-            None,
-            Some(Duration::from_millis(1)),
-        )
-        .await;
+        let take = Take {
+            scan_timeout: Some(Duration::from_millis(1)),
+            ..Take::default()
+        };
+        let (r4b, _, disk4b) = GUEST.checkpoint(&control, &ckpts, "slow", take).await;
         let o4b = r4b.omission.clone().expect("report");
         assert_eq!(r4b.pages_disk, 0, "{o4b:?}");
         assert!(
@@ -410,15 +362,12 @@ fn ditto_checkpoints_never_restore_wrong_memory() {
         )
         .await;
         assert_eq!(code, 0, "{out}");
-        let (r5, file5, disk5) = ditto(
-            &control,
-            &ckpts,
-            "liar-sampled",
-            Verification::Sample(5),
-            Some(LIAR_PORT),
-            None,
-        )
-        .await;
+        let take = Take {
+            verification: Verification::Sample(5),
+            agent_port: Some(LIAR_PORT),
+            ..Take::default()
+        };
+        let (r5, file5, disk5) = GUEST.checkpoint(&control, &ckpts, "liar-sampled", take).await;
         let o5 = r5.omission.clone().expect("report");
         assert_eq!(
             r5.pages_disk, 0,
@@ -440,15 +389,13 @@ fn ditto_checkpoints_never_restore_wrong_memory() {
             drop(vm);
             discard(&[&file5, &disk5]);
         }
-        let (r5b, file5b, disk5b) = ditto(
-            &control,
-            &ckpts,
-            "liar-unverified",
-            Verification::DirtyLog,
-            Some(LIAR_PORT),
-            None,
-        )
-        .await;
+        let take = Take {
+            agent_port: Some(LIAR_PORT),
+            ..Take::default()
+        };
+        let (r5b, file5b, disk5b) = GUEST
+            .checkpoint(&control, &ckpts, "liar-unverified", take)
+            .await;
         assert!(r5b.pages_disk > 0, "unverified, the lie is taken: {r5b:?}");
         refused(work, "liar-unverified", &file5b, &disk5b, 9);
         discard(&[&file5b, &disk5b]);

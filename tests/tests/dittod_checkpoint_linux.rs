@@ -21,7 +21,8 @@ fn count(v: &Value) -> u64 {
     v.as_u64().unwrap_or_else(|| panic!("not a count: {v}"))
 }
 
-/// `dittoctl exec NAME -- sh -c SCRIPT`: exit status and standard output.
+/// `dittoctl exec NAME -- sh -c SCRIPT`: exit status and standard output; standard error is
+/// printed, so a failure shows what the guest (or dittoctl) said.
 fn sh(daemon: &Daemon, name: &str, script: &str) -> (i32, String) {
     let out = daemon.ctl(&[
         "exec",
@@ -33,6 +34,10 @@ fn sh(daemon: &Daemon, name: &str, script: &str) -> (i32, String) {
         "-c",
         script,
     ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if !stderr.trim().is_empty() {
+        eprintln!("{name}: `{script}` ({}): {stderr}", out.status);
+    }
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -46,7 +51,12 @@ fn verify(daemon: &Daemon, name: &str) -> Value {
         name,
         &format!("{WORKLOAD} verify --json --control {CONTROL}"),
     );
-    let report: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    let report: Value = serde_json::from_str(&out).unwrap_or_else(|e| {
+        panic!(
+            "{name}: verify exited with {code} and no report ({e}): {out:?}\ndittod log:\n{}",
+            daemon.log_text()
+        )
+    });
     assert_eq!(code, 0, "{name}: {report}");
     assert_eq!(count(&report["memory"]["pages_checked"]), ANON_MIB * 256);
     assert_eq!(count(&report["memory"]["bad_pages"]), 0, "{name}: {report}");

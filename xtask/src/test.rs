@@ -99,6 +99,7 @@ pub fn run(args: &TestArgs) -> Result<()> {
     step(
         "end-to-end tests in the KVM test box, on both guest kernels",
         || {
+            testbox::prepare()?;
             let deadline = Instant::now() + Duration::from_secs(args.box_timeout);
             let mut failed = Vec::new();
             let mut reruns = Vec::new();
@@ -108,9 +109,8 @@ pub fn run(args: &TestArgs) -> Result<()> {
                     if only_ditto && guest_kernel != "ditto" {
                         continue;
                     }
-                    match run_in_box(test, guest_kernel, deadline, &mut reruns)? {
-                        0 => {}
-                        _ => failed.push(format!("{} ({guest_kernel} kernel)", test.name)),
+                    if run_in_box(test, guest_kernel, deadline, &mut reruns)? != 0 {
+                        failed.push(format!("{} ({guest_kernel} kernel)", test.name));
                     }
                 }
             }
@@ -153,7 +153,7 @@ fn run_in_box(
         if left == 0 {
             bail!("no time left in the box's budget for {}", test.name);
         }
-        let outcome = testbox::run(&BoxArgs {
+        let outcome = testbox::run_prepared(&BoxArgs {
             forwards: Vec::new(),
             shares: Vec::new(),
             mem_mib: E2E_BOX_MEM_MIB,

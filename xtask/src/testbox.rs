@@ -121,10 +121,22 @@ pub struct BoxArgs {
     pub command: Vec<String>,
 }
 
-/// The command: runs CMD in the box and returns its exit status.
+/// The command: readies the host and the project's binaries, runs CMD in the box and returns
+/// its exit status.
 pub fn run(args: &BoxArgs) -> Result<i32> {
+    prepare()?;
+    run_prepared(args)
+}
+
+/// What every box run needs first: the host's packages and the release musl binaries the box
+/// finds on its PATH. Callers that start many boxes do this once.
+pub fn prepare() -> Result<()> {
     setup::ensure(setup::Report::Changes)?;
-    images::build_musl_binaries(&[])?;
+    images::build_musl_binaries(&[])
+}
+
+/// Runs CMD in the box (or natively), after `prepare`, and returns its exit status.
+pub fn run_prepared(args: &BoxArgs) -> Result<i32> {
     if args.native {
         run_native(args)
     } else {
