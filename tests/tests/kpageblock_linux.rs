@@ -37,6 +37,41 @@ const UNLINKED: &str = "/data/unlinked";
 /// The file left dirty.
 const DIRTY: &str = "/data/dirty";
 
+/// Step 5's script: two readers of /proc/kpageblock (30 whole reads each, 64 KiB at a time)
+/// and three fast-path scans of the agent, beside 15 rounds that write a file, read it, cut it
+/// in half, read it again, unlink it and drop the page cache. Fails when a read or a scan
+/// failed or the kernel logged a new BUG, Oops or WARNING (the lines that match are printed).
+const STRESS: &str = "\
+warnings() { dmesg | grep -c -E 'BUG|Oops|WARNING'; }
+before=$(warnings)
+pids=
+for r in 1 2; do
+  (i=0; while [ $i -lt 30 ]; do
+     dd if=/proc/kpageblock of=/dev/null bs=65536 2>/dev/null || { echo reader $r: read failed; exit 1; }
+     i=$((i + 1))
+   done) &
+  pids=\"$pids $!\"
+done
+(for i in 1 2 3; do ditto-agent scan --method kpageblock > /dev/null || { echo scan $i failed; exit 1; }; done) &
+pids=\"$pids $!\"
+i=0
+while [ $i -lt 15 ]; do
+  dd if=/dev/urandom of=/data/churn bs=65536 count=32 2>/dev/null
+  sync
+  cat /data/churn > /dev/null
+  truncate -s 1M /data/churn
+  cat /data/churn > /dev/null
+  rm /data/churn
+  echo 3 > /proc/sys/vm/drop_caches
+  i=$((i + 1))
+done
+fail=0
+for p in $pids; do wait $p || fail=1; done
+after=$(warnings)
+echo \"concurrent readers: 2 x 30 whole reads and 3 scans beside 15 write/truncate/unlink/drop_caches rounds, failed $fail, kernel warnings $before -> $after\"
+dmesg | grep -E 'BUG|Oops|WARNING'
+test $fail = 0 && test $after = $before";
+
 /// The number right before the first `suffix` in `text` (`kpageblock-check` prints "N pages,
 /// V with a record, …"); panics with the text when there is none.
 fn number_before(text: &str, suffix: &str) -> u64 {
@@ -226,6 +261,14 @@ fn kpageblock_reports_equal_the_disk_and_a_ditto_checkpoint_uses_them() {
         .await;
         assert_eq!(code, 0, "the restored guest's files: {out}");
         println!("{}", out.trim());
+
+        // 5. Concurrent readers, in the restored guest: two reading the whole file over and
+        // over and the agent's fast path scanning, while files are written, read, truncated
+        // and unlinked and the page cache is dropped under them. Every read must succeed and
+        // the kernel must not warn.
+        let (code, out) = sh(&mut agent, STRESS).await;
+        println!("{}", out.trim());
+        assert_eq!(code, 0, "concurrent readers:\n{out}");
         drop(agent);
         drop(restored);
         discard(&[&file, &disk]);
