@@ -64,8 +64,10 @@ pub fn ensure(args: &KernelArgs) -> Result<PathBuf> {
         .text("base", BASE_CONFIG)
         .file("series", &patches.join("series"))?
         .file("config", &fragment)?;
+    // Keyed by file name, not path: a checkout elsewhere has the same kernel.
     for patch in &series {
-        inputs = inputs.file(&patch.to_string_lossy(), patch)?;
+        let name = patch.file_name().map(|n| n.to_string_lossy());
+        inputs = inputs.file(name.as_deref().unwrap_or_default(), patch)?;
     }
 
     let image = paths::guest_dir().join(IMAGE_NAME);
