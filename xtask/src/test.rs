@@ -20,8 +20,13 @@ const E2E_PACKAGE: &str = "ditto-tests";
 const E2E_BOX_MEM_MIB: u64 = 6144;
 
 /// How often one end-to-end test executable is started when the box's kernel keeps dying
-/// under it.
+/// under it, or the box keeps hanging.
 const BOX_ATTEMPTS: u32 = 3;
+
+/// Time limit of one end-to-end test executable in its box. The longest (`ditto_linux`) takes
+/// about 5 minutes; every wait in the tests is bounded well below this, so a box that is still
+/// running at the limit has hung.
+const EXECUTABLE_LIMIT: Duration = Duration::from_secs(900);
 
 /// End-to-end test targets named so run on this host (they boot guests under QEMU); all others
 /// run inside the KVM test box.
@@ -116,7 +121,7 @@ pub fn run(args: &TestArgs) -> Result<()> {
             }
             if !reruns.is_empty() {
                 println!(
-                    "box: the box's kernel panicked {} time(s) and the test ran again in a fresh box: {}",
+                    "box: the box's kernel panicked or the box hung {} time(s), and the test ran again in a fresh box: {}",
                     reruns.len(),
                     reruns.join(", ")
                 );
@@ -133,9 +138,11 @@ pub fn run(args: &TestArgs) -> Result<()> {
 
 /// Runs one end-to-end test executable in a fresh box with the guest kernel `guest_kernel`
 /// (`stock` or `ditto`) and returns its exit status. When the box's own kernel dies under it
-/// (`testbox::KernelPanicked`, a defect of the emulator, not of the test), the whole executable
+/// (`testbox::KernelPanicked`, a defect of the emulator, not of the test) or the box is still
+/// running at `EXECUTABLE_LIMIT` (hung: the tests bound their own waits), the whole executable
 /// runs again in a new box, at most `BOX_ATTEMPTS` times in all; each such rerun is named in
-/// `reruns`. A test that fails is never run again.
+/// `reruns`. A test that fails is never run again. The tests' output is not captured, so a
+/// hung run shows how far it got.
 fn run_in_box(
     test: &TestExecutable,
     guest_kernel: &str,
@@ -149,26 +156,40 @@ fn run_in_box(
             "box: running {} on the {guest_kernel} guest kernel (attempt {attempt} of {BOX_ATTEMPTS})",
             test.name
         );
-        let left = deadline.saturating_duration_since(Instant::now()).as_secs();
-        if left == 0 {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
             bail!("no time left in the box's budget for {}", test.name);
         }
+        let limit = left.min(EXECUTABLE_LIMIT);
         let outcome = testbox::run_prepared(&BoxArgs {
             forwards: Vec::new(),
             shares: Vec::new(),
             mem_mib: E2E_BOX_MEM_MIB,
             native: false,
-            timeout: left,
+            timeout: limit.as_secs(),
             command: vec![
                 "sh".into(),
                 "-c".into(),
                 format!(
                     "export {GUEST_KERNEL_ENV}={guest_kernel}; \
-                     exec {exe} --include-ignored --test-threads=1"
+                     exec {exe} --include-ignored --test-threads=1 --nocapture"
                 ),
             ],
         });
         match outcome {
+            Ok(testbox::TIMED_OUT) if limit == EXECUTABLE_LIMIT && attempt < BOX_ATTEMPTS => {
+                println!(
+                    "box: {} still ran after {} s, so the box hung\nbox: running {} again in a fresh box",
+                    test.name,
+                    limit.as_secs(),
+                    test.name
+                );
+                reruns.push(format!(
+                    "{} ({guest_kernel} kernel, attempt {attempt}, hung)",
+                    test.name
+                ));
+                attempt += 1;
+            }
             Ok(code) => return Ok(code),
             Err(e) => match e.downcast_ref::<testbox::KernelPanicked>() {
                 Some(panic) if attempt < BOX_ATTEMPTS => {
@@ -177,7 +198,7 @@ fn run_in_box(
                         test.name, test.name
                     );
                     reruns.push(format!(
-                        "{} ({guest_kernel} kernel, attempt {attempt})",
+                        "{} ({guest_kernel} kernel, attempt {attempt}, box kernel panic)",
                         test.name
                     ));
                     attempt += 1;

@@ -44,7 +44,7 @@ const BOX_CPU: &str = "EPYC,-nrip-save,-xsavec,-rdseed,-sha-ni,-fxsr-opt,-misali
 pub const DEFAULT_MEM_MIB: u64 = 4096;
 
 /// Exit status reported when the box ran out of time.
-const TIMED_OUT: i32 = 124;
+pub const TIMED_OUT: i32 = 124;
 
 /// What the box's kernel prints when it dies.
 const KERNEL_PANIC: &str = "Kernel panic - not syncing";
