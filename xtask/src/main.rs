@@ -4,6 +4,7 @@
 mod cmd;
 mod debian;
 mod demo;
+mod disk_space;
 mod images;
 mod initramfs;
 mod kernel;

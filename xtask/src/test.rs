@@ -8,9 +8,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
-use crate::paths::MUSL_TARGET;
+use crate::paths::{self, MUSL_TARGET};
 use crate::testbox::{self, BoxArgs};
-use crate::{cmd, images, kernel, setup};
+use crate::{cmd, disk_space, images, kernel, setup};
 
 /// The package holding the end-to-end tests.
 const E2E_PACKAGE: &str = "ditto-tests";
@@ -61,6 +61,7 @@ pub struct TestArgs {
 
 /// Runs every step; stops at the first that fails.
 pub fn run(args: &TestArgs) -> Result<()> {
+    disk_space::ensure(&paths::target_dir(), disk_space::RUN_NEEDS)?;
     setup::ensure(setup::Report::Changes)?;
     step("cargo fmt --check", || {
         cmd::run(cmd::cargo().args(["fmt", "--all", "--", "--check"]))
@@ -176,40 +177,35 @@ fn run_in_box(
                 ),
             ],
         });
-        match outcome {
-            Ok(testbox::TIMED_OUT) if limit == EXECUTABLE_LIMIT && attempt < BOX_ATTEMPTS => {
+        // A hung box or a box kernel panic says nothing about the tests: those run again in a
+        // fresh box (named in `reruns` by a short reason). Anything else is the tests' result.
+        let box_failure = match &outcome {
+            Ok(testbox::TIMED_OUT) if limit == EXECUTABLE_LIMIT => Some((
+                "hung",
+                format!("it still ran after {} s, so the box hung", limit.as_secs()),
+            )),
+            Ok(_) => None,
+            Err(e) => e
+                .downcast_ref::<testbox::KernelPanicked>()
+                .map(|panic| ("box kernel panic", panic.to_string())),
+        };
+        match box_failure {
+            Some((reason, detail)) if attempt < BOX_ATTEMPTS => {
                 println!(
-                    "box: {} still ran after {} s, so the box hung\nbox: running {} again in a fresh box",
-                    test.name,
-                    limit.as_secs(),
-                    test.name
+                    "box: {} did not finish: {detail}\nbox: running {} again in a fresh box",
+                    test.name, test.name
                 );
                 reruns.push(format!(
-                    "{} ({guest_kernel} kernel, attempt {attempt}, hung)",
+                    "{} ({guest_kernel} kernel, attempt {attempt}, {reason})",
                     test.name
                 ));
                 attempt += 1;
             }
-            Ok(code) => return Ok(code),
-            Err(e) => match e.downcast_ref::<testbox::KernelPanicked>() {
-                Some(panic) if attempt < BOX_ATTEMPTS => {
-                    println!(
-                        "box: {} did not finish: {panic}\nbox: running {} again in a fresh box",
-                        test.name, test.name
-                    );
-                    reruns.push(format!(
-                        "{} ({guest_kernel} kernel, attempt {attempt}, box kernel panic)",
-                        test.name
-                    ));
-                    attempt += 1;
-                }
-                _ => {
-                    return Err(e.context(format!(
-                        "end-to-end test {} ({guest_kernel} kernel)",
-                        test.name
-                    )));
-                }
-            },
+            _ => {
+                return outcome.with_context(|| {
+                    format!("end-to-end test {} ({guest_kernel} kernel)", test.name)
+                });
+            }
         }
     }
 }
