@@ -15,7 +15,7 @@ use ditto_proto::agent::v1::agent_client::AgentClient;
 use tonic::transport::Channel;
 
 use crate::microvm::{GuestKernel, guest_kernel, images_dir};
-use crate::workload::sh;
+use crate::workload::{sh, try_sh};
 
 pub use ditto_host::agent::AGENT_PORT;
 /// The command line every test guest gets before its own part (`init_on_alloc=0` so that free
@@ -444,5 +444,16 @@ impl TestVm {
     pub async fn agent(&self) -> AgentClient<Channel> {
         self.control().await;
         agent_over_hybrid_vsock(self.uds.clone(), AGENT_PORT).await
+    }
+
+    /// [`sh`] through `agent`, this VM's agent: when the agent fails (a broken connection, an
+    /// agent that died), the panic shows this VM's console and the VMM's log, which say why.
+    pub async fn sh(&self, agent: &mut AgentClient<Channel>, script: &str) -> (i32, String) {
+        try_sh(agent, script).await.unwrap_or_else(|status| {
+            panic!(
+                "exec of {script:?}: {status:?}\n{}",
+                self.process.transcript()
+            )
+        })
     }
 }

@@ -213,7 +213,7 @@ fn ditto_checkpoints_never_restore_wrong_memory() {
 
         // 2. Writes of every kind during the checkpoint.
         let raw = raw_target(&mut agent).await;
-        let (code, stale) = sh(&mut agent, "sha256sum /data/raw/r1").await;
+        let (code, stale) = original.sh(&mut agent, "sha256sum /data/raw/r1").await;
         assert_eq!(code, 0);
         let secs = (scan_ms / 1000 + 20).to_string();
         detach(
@@ -237,7 +237,7 @@ fn ditto_checkpoints_never_restore_wrong_memory() {
         // The original's part is done: it stops writing before the clone runs, so that only
         // one guest hammers the box at a time (two at once make the box kernel's known crash,
         // see "The box's own kernel sometimes dies" in the README, far likelier).
-        sh(&mut agent, &stop("disturb")).await;
+        original.sh(&mut agent, &stop("disturb")).await;
         {
             let (vm, mut clone) = GUEST.restore_and_check(
                 work,
@@ -288,18 +288,23 @@ fn ditto_checkpoints_never_restore_wrong_memory() {
         refused(work, "stale-unverified", &file2c, &disk2c, 13);
         discard(&[&file2c, &disk2c]);
         // The page cache agrees with the disk again.
-        sh(&mut agent, "sync; echo 3 > /proc/sys/vm/drop_caches").await;
+        original.sh(&mut agent, "sync; echo 3 > /proc/sys/vm/drop_caches").await;
 
         // 3. Memory pressure that evicts and reuses frames during the scan (with page cache to
         // evict).
-        sh(&mut agent, "cat /data/workload/* /data/extra/* > /dev/null").await;
+        original
+            .sh(
+                &mut agent,
+                "find /data/workload /data/extra -type f -exec cat {} + > /dev/null",
+            )
+            .await;
         detach(&mut agent, "pressure", &PRESSURE.replace("SECS", &secs)).await;
         tokio::time::sleep(Duration::from_secs(1)).await;
         let (r3, file3, disk3) = GUEST
             .checkpoint(&control, &ckpts, "pressure", Take::default())
             .await;
         assert!(agent_degradations(r3.omission.as_ref().expect("report")).is_empty());
-        sh(&mut agent, &stop("pressure")).await;
+        original.sh(&mut agent, &stop("pressure")).await;
         {
             let (vm, _clone) = GUEST.restore_and_check(
                 work,

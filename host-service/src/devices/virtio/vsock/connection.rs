@@ -234,8 +234,11 @@ impl Connection {
                 let fits = usize::try_from(header.len).is_ok_and(|len| len == payload.len())
                     && header.len <= self.rx_free();
                 let st = &mut self.state;
-                if !fits || st.peer_shutdown & SHUTDOWN_SEND != 0 {
-                    return self.reset();
+                if !fits {
+                    return self.violation(header, "data beyond its credit");
+                }
+                if st.peer_shutdown & SHUTDOWN_SEND != 0 {
+                    return self.violation(header, "data after its shutdown");
                 }
                 if st.phase == Phase::Established {
                     st.rx_buf.extend_from_slice(payload);
@@ -253,8 +256,22 @@ impl Connection {
                 st.phase = Phase::Closed;
                 st.pending = PendingControl::default();
             }
-            _ => self.reset(),
+            _ => self.violation(header, "a packet its phase does not allow"),
         }
+    }
+
+    /// Resets the connection after the guest broke the protocol, and says so in the log (a
+    /// connection the guest sees reset for no reason of its own is otherwise hard to explain).
+    fn violation(&mut self, header: &Header, what: &str) {
+        tracing::warn!(
+            guest_port = self.state.peer_port,
+            host_port = self.state.local_port,
+            op = ?header.op,
+            len = header.len,
+            phase = ?self.state.phase,
+            "vsock: the guest sent {what}; connection reset"
+        );
+        self.reset();
     }
 
     /// Whether host data may still be taken for the guest.
