@@ -446,6 +446,29 @@ impl TestVm {
         agent_over_hybrid_vsock(self.uds.clone(), AGENT_PORT).await
     }
 
+    /// [`TestVm::sh`] for a script that may run twice: when the connection to the agent breaks,
+    /// this says so with the console and the VMM's log (the evidence of why), connects to the
+    /// agent again and runs the script once more. For callers that check the agent itself
+    /// separately (its process id), since a new connection would also reach a restarted agent.
+    pub async fn sh_reconnecting(
+        &self,
+        agent: &mut AgentClient<Channel>,
+        script: &str,
+    ) -> (i32, String) {
+        match try_sh(agent, script).await {
+            Ok(r) => r,
+            Err(status) => {
+                println!(
+                    "the connection to the agent broke ({status:?}); connecting again. \
+                     Console and VMM log:\n{}\n--- end of the console and VMM log ---",
+                    self.process.transcript()
+                );
+                *agent = self.agent().await;
+                self.sh(agent, script).await
+            }
+        }
+    }
+
     /// [`sh`] through `agent`, this VM's agent: when the agent fails (a broken connection, an
     /// agent that died), the panic shows this VM's console and the VMM's log, which say why.
     pub async fn sh(&self, agent: &mut AgentClient<Channel>, script: &str) -> (i32, String) {

@@ -298,13 +298,25 @@ fn ditto_checkpoints_never_restore_wrong_memory() {
                 "find /data/workload /data/extra -type f -exec cat {} + > /dev/null",
             )
             .await;
+        let (_, agent_pid) = original.sh(&mut agent, "pidof ditto-agent").await;
         detach(&mut agent, "pressure", &PRESSURE.replace("SECS", &secs)).await;
         tokio::time::sleep(Duration::from_secs(1)).await;
         let (r3, file3, disk3) = GUEST
             .checkpoint(&control, &ckpts, "pressure", Take::default())
             .await;
         assert!(agent_degradations(r3.omission.as_ref().expect("report")).is_empty());
-        original.sh(&mut agent, &stop("pressure")).await;
+        // The test's long-lived exec connection broke here once (CI, after a free-page round
+        // that took 57 s; not understood). If it breaks again, the console and the VMM's log
+        // are printed and the test connects anew; the agent itself must have lived through it.
+        original
+            .sh_reconnecting(&mut agent, &stop("pressure"))
+            .await;
+        let (_, after) = original.sh(&mut agent, "pidof ditto-agent").await;
+        assert_eq!(
+            after, agent_pid,
+            "the agent lived through the memory pressure\n{}",
+            original.process.transcript()
+        );
         {
             let (vm, _clone) = GUEST.restore_and_check(
                 work,

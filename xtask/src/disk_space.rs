@@ -16,8 +16,8 @@ pub const RUN_NEEDS: u64 = 10 << 30;
 /// the run rewrites what is there). Prints what it found either way.
 pub fn ensure(target: &Path, needed: u64) -> Result<()> {
     std::fs::create_dir_all(target).with_context(|| format!("creating {}", target.display()))?;
-    let fs = rustix::fs::statvfs(target)
-        .with_context(|| format!("statvfs of {}", target.display()))?;
+    let fs =
+        rustix::fs::statvfs(target).with_context(|| format!("statvfs of {}", target.display()))?;
     let free = fs.f_bavail.saturating_mul(fs.f_frsize);
     let held = size_on_disk(target);
     let gib = |bytes: u64| bytes as f64 / f64::from(1u32 << 30);
