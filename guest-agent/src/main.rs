@@ -127,11 +127,16 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
+/// The agent's log filter when `RUST_LOG` is not set: its own news, and why a client's
+/// connection failed (tonic says that only at debug level, and a connection the agent drops is
+/// otherwise a bare broken pipe on the host).
+const DEFAULT_LOG_FILTER: &str = "info,tonic::transport::server=debug";
+
 fn serve(listen: &ListenAddr, service: AgentService) -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_LOG_FILTER)),
         )
         .with_writer(std::io::stderr)
         .init();

@@ -1,5 +1,5 @@
-//! The command line: a clear error without the capability, clap errors for unknown options, and
-//! a JSON document from `scan --json`.
+//! The command line: a clear error without the capability, clap errors for unknown options,
+//! a JSON document from `scan --json`, and what `serve` logs about its connections.
 
 #![allow(clippy::unwrap_used)] // a test: a failed unwrap is a failed test
 
@@ -122,5 +122,71 @@ fn the_method_is_chosen_reported_and_checked() {
     assert!(
         stderr.contains("/proc/kpageblock does not exist") && stderr.contains("--method walk"),
         "{stderr}"
+    );
+}
+
+/// `serve` with its default log filter says why a client's connection failed, and says nothing
+/// for a client that was served and went away.
+#[test]
+fn serve_logs_a_failed_connection_and_not_a_finished_one() {
+    use std::io::Write;
+    use std::time::{Duration, Instant};
+
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("agent.sock");
+    let log = dir.path().join("agent.log");
+    /// Kills the agent however the test ends.
+    struct Killed(std::process::Child);
+    impl Drop for Killed {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _agent = Killed(
+        Command::new(AGENT)
+            .arg("serve")
+            .arg("--listen")
+            .arg(format!("unix:{}", socket.display()))
+            .env_remove("RUST_LOG")
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let started = Instant::now();
+    while !socket.exists() {
+        assert!(started.elapsed() < Duration::from_secs(10), "no socket");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let mut client = common::client(&socket).await;
+        client
+            .info(ditto_proto::agent::v1::InfoRequest {})
+            .await
+            .unwrap();
+    });
+    drop(runtime);
+    // Not HTTP/2: the agent gives up on this connection.
+    let mut junk = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+    junk.write_all(b"GET / HTTP/1.1\r\nHost: agent\r\n\r\n")
+        .unwrap();
+    drop(junk);
+    let started = Instant::now();
+    let text = loop {
+        let text = std::fs::read_to_string(&log).unwrap();
+        if text.contains("failed serving connection") || started.elapsed() > Duration::from_secs(10)
+        {
+            break text;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(
+        text.matches("failed serving connection").count(),
+        1,
+        "one failed connection, one served: {text}"
     );
 }

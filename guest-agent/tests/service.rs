@@ -7,14 +7,12 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::{LoopFs, recache, write_tagged};
+use common::{LoopFs, client, recache, write_tagged};
 use ditto_agent::frames::PAGE_SIZE;
 use ditto_agent::listen::{self, ListenAddr};
 use ditto_agent::service::AgentService;
-use ditto_proto::agent::v1::agent_client::AgentClient;
 use ditto_proto::agent::v1::{ExecRequest, InfoRequest, ScanRequest, scan_chunk::Body};
 use tokio::sync::oneshot;
-use tonic::transport::{Channel, Endpoint, Uri};
 
 /// A served agent; stops when dropped.
 struct Served {
@@ -47,22 +45,6 @@ async fn serve(exec_enabled: bool) -> Served {
         socket,
         _stop: stop,
     }
-}
-
-async fn client(socket: &Path) -> AgentClient<Channel> {
-    let socket = socket.to_owned();
-    let channel = Endpoint::try_from("http://agent.invalid")
-        .unwrap()
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let socket = socket.clone();
-            async move {
-                let stream = tokio::net::UnixStream::connect(socket).await?;
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
-            }
-        }))
-        .await
-        .unwrap();
-    AgentClient::new(channel)
 }
 
 #[tokio::test]

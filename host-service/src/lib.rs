@@ -34,6 +34,7 @@ pub mod control;
 pub mod daemon;
 pub mod devices;
 pub mod disk_copy;
+pub mod error_text;
 pub mod kvm;
 pub mod omission;
 pub mod unix_socket;

@@ -336,3 +336,22 @@ pub fn verify_file(report: &Report, fs: &LoopFs, path: &Path) -> Vec<u64> {
     verified.sort_unstable();
     verified
 }
+
+/// A tonic client of an agent serving on the Unix socket `socket`.
+pub async fn client(
+    socket: &Path,
+) -> ditto_proto::agent::v1::agent_client::AgentClient<tonic::transport::Channel> {
+    let socket = socket.to_owned();
+    let channel = tonic::transport::Endpoint::try_from("http://agent.invalid")
+        .unwrap()
+        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+            let socket = socket.clone();
+            async move {
+                let stream = tokio::net::UnixStream::connect(socket).await?;
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+            }
+        }))
+        .await
+        .unwrap();
+    ditto_proto::agent::v1::agent_client::AgentClient::new(channel)
+}

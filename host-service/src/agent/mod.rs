@@ -12,6 +12,7 @@ use ditto_proto::agent::v1::agent_client::AgentClient;
 use tonic::transport::{Channel, Endpoint, Uri};
 
 use crate::devices::virtio::vsock::unix;
+use crate::error_text;
 
 /// The agent's vsock port in ditto's guest images (`ditto-agent serve`'s default).
 pub const AGENT_PORT: u32 = 10240;
@@ -24,7 +25,11 @@ pub const MAX_REPLY_BYTES: usize = 40 << 20;
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
     /// The hybrid vsock socket did not lead to a serving agent.
-    #[error("cannot reach the guest agent on vsock port {port} through {uds}: {source}")]
+    #[error(
+        "cannot reach the guest agent on vsock port {port} through {}: {}",
+        uds.display(),
+        error_text::full(source)
+    )]
     Connect {
         /// The hybrid vsock socket.
         uds: PathBuf,
@@ -66,4 +71,21 @@ pub async fn connect(
             source,
         })?;
     Ok(AgentClient::new(channel).max_decoding_message_size(MAX_REPLY_BYTES))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn an_unreachable_agent_says_why_not_just_transport_error() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let missing = dir.path().join("no-vmm.sock");
+        let err = connect(&missing, AGENT_PORT, Duration::from_secs(1))
+            .await
+            .expect_err("nothing listens");
+        let text = err.to_string();
+        assert!(text.contains("transport error: "), "{text}");
+        assert!(text.contains("No such file or directory"), "{text}");
+    }
 }

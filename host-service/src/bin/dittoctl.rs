@@ -13,6 +13,7 @@ use clap::{CommandFactory, Parser, Subcommand};
 use ditto_host::cli::connect::{Target, connect};
 use ditto_host::cli::output;
 use ditto_host::daemon::default_state_dir;
+use ditto_host::error_text::{sources, with_causes};
 use ditto_host::vmm::config::MachineArgs;
 use ditto_proto::host::v1 as pb;
 use indicatif::{ProgressBar, ProgressDrawTarget};
@@ -575,28 +576,6 @@ async fn run(cli: Cli) -> Result<u8> {
     Ok(0)
 }
 
-/// An error and its causes, each `: cause` once (TLS and transport errors repeat themselves
-/// down their chains), for a message a person can act on.
-fn chain_text<'a>(
-    first: String,
-    causes: impl Iterator<Item = &'a dyn std::error::Error>,
-) -> String {
-    let mut out = first;
-    for cause in causes {
-        let text = cause.to_string();
-        if !out.contains(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-    }
-    out
-}
-
-/// The causes below `err`.
-fn sources(err: &dyn std::error::Error) -> impl Iterator<Item = &dyn std::error::Error> {
-    std::iter::successors(err.source(), |e| e.source())
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let json = cli.json;
@@ -624,11 +603,11 @@ fn main() -> ExitCode {
                 Some(status) => eprintln!(
                     "dittoctl: {:?}: {}",
                     status.code(),
-                    chain_text(status.message().to_owned(), sources(status))
+                    with_causes(status.message().to_owned(), sources(status))
                 ),
                 None => eprintln!(
                     "dittoctl: {}",
-                    chain_text(
+                    with_causes(
                         e.to_string(),
                         e.chain().skip(1).map(|c| c as &dyn std::error::Error)
                     )
