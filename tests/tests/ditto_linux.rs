@@ -365,11 +365,7 @@ fn ditto_checkpoints_never_restore_wrong_memory() {
         // The agent's part says that time ran out (the balloon's, also cut short, says
         // "within" too, so it is not counted).
         assert!(
-            agent_degradations(&o4b).iter().any(|d| {
-                ["within", "timed out", "timeout expired"]
-                    .iter()
-                    .any(|w| d.contains(w))
-            }),
+            agent_degradations(&o4b).iter().any(|d| d.contains("within")),
             "the agent's timeout is reported: {:?}",
             o4b.degraded
         );

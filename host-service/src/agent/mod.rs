@@ -26,11 +26,13 @@ pub const MAX_REPLY_BYTES: usize = 40 << 20;
 pub enum AgentError {
     /// The hybrid vsock socket did not lead to a serving agent.
     #[error(
-        "cannot reach the guest agent on vsock port {port} through {}: {}",
+        "cannot reach the guest agent on vsock port {port} through {} within {timeout:?}: {}",
         uds.display(),
         error_text::full(source)
     )]
     Connect {
+        /// How long the guest had to accept the connection.
+        timeout: Duration,
         /// The hybrid vsock socket.
         uds: PathBuf,
         /// The guest port.
@@ -66,6 +68,7 @@ pub async fn connect(
         }))
         .await
         .map_err(|source| AgentError::Connect {
+            timeout,
             uds: uds.to_owned(),
             port,
             source,
@@ -85,7 +88,7 @@ mod tests {
             .await
             .expect_err("nothing listens");
         let text = err.to_string();
-        assert!(text.contains("transport error: "), "{text}");
+        assert!(text.contains("within 1s: transport error: "), "{text}");
         assert!(text.contains("No such file or directory"), "{text}");
     }
 }
