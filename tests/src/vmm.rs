@@ -446,9 +446,10 @@ impl TestVm {
         agent_over_hybrid_vsock(self.uds.clone(), AGENT_PORT).await
     }
 
-    /// [`TestVm::sh`] for a script that may run twice: when the connection to the agent breaks,
-    /// this says so with the console and the VMM's log (the evidence of why), connects to the
-    /// agent again and runs the script once more. For callers that check the agent itself
+    /// [`TestVm::sh`] for a script that may run twice: when the connection to the agent breaks
+    /// (a transport error, not an error status from the agent), this says so with the console
+    /// and the VMM's log (the evidence of why), connects to the agent again and runs the script
+    /// once more. For callers that check the agent itself
     /// separately (its process id), since a new connection would also reach a restarted agent.
     pub async fn sh_reconnecting(
         &self,
@@ -457,6 +458,11 @@ impl TestVm {
     ) -> (i32, String) {
         match try_sh(agent, script).await {
             Ok(r) => r,
+            // A transport failure carries its cause; an answer of the agent's does not, and is
+            // the test's failure as in [`TestVm::sh`].
+            Err(status) if std::error::Error::source(&status).is_none() => {
+                self.agent_failed(script, &status)
+            }
             Err(status) => {
                 println!(
                     "the connection to the agent broke ({status:?}); connecting again. \
@@ -472,11 +478,17 @@ impl TestVm {
     /// [`sh`] through `agent`, this VM's agent: when the agent fails (a broken connection, an
     /// agent that died), the panic shows this VM's console and the VMM's log, which say why.
     pub async fn sh(&self, agent: &mut AgentClient<Channel>, script: &str) -> (i32, String) {
-        try_sh(agent, script).await.unwrap_or_else(|status| {
-            panic!(
-                "exec of {script:?}: {status:?}\n{}",
-                self.process.transcript()
-            )
-        })
+        try_sh(agent, script)
+            .await
+            .unwrap_or_else(|status| self.agent_failed(script, &status))
+    }
+
+    /// Panics for an exec of `script` that failed with `status`, with this VM's console and
+    /// the VMM's log.
+    fn agent_failed(&self, script: &str, status: &tonic::Status) -> ! {
+        panic!(
+            "exec of {script:?}: {status:?}\n{}",
+            self.process.transcript()
+        )
     }
 }

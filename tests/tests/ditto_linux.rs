@@ -298,7 +298,8 @@ fn ditto_checkpoints_never_restore_wrong_memory() {
                 "find /data/workload /data/extra -type f -exec cat {} + > /dev/null",
             )
             .await;
-        let (_, agent_pid) = original.sh(&mut agent, "pidof ditto-agent").await;
+        let (code, agent_pid) = original.sh(&mut agent, "pidof ditto-agent").await;
+        assert!(code == 0 && !agent_pid.trim().is_empty(), "the agent's pid");
         detach(&mut agent, "pressure", &PRESSURE.replace("SECS", &secs)).await;
         tokio::time::sleep(Duration::from_secs(1)).await;
         let (r3, file3, disk3) = GUEST

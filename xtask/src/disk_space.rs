@@ -13,21 +13,25 @@ pub const RUN_NEEDS: u64 = 10 << 30;
 
 /// Fails, saying how much is missing, when `target`'s file system has less free space than
 /// `needed` bytes beyond what `target` already holds (a warm target folder needs less, since
-/// the run rewrites what is there). Prints what it found either way.
+/// the run rewrites what is there). Prints the free space either way.
 pub fn ensure(target: &Path, needed: u64) -> Result<()> {
     std::fs::create_dir_all(target).with_context(|| format!("creating {}", target.display()))?;
     let fs =
         rustix::fs::statvfs(target).with_context(|| format!("statvfs of {}", target.display()))?;
     let free = fs.f_bavail.saturating_mul(fs.f_frsize);
-    let held = size_on_disk(target);
     let gib = |bytes: u64| bytes as f64 / f64::from(1u32 << 30);
     println!(
-        "disk: {:.1} GiB free beside {:.1} GiB in {}; a run needs about {:.1} GiB",
+        "disk: {:.1} GiB free for {}; a run needs about {:.1} GiB",
         gib(free),
-        gib(held),
         target.display(),
         gib(needed)
     );
+    if free >= needed {
+        return Ok(());
+    }
+    // Short of space: what the target folder holds is rewritten by the run, so it counts too
+    // (walked only now, since a large target folder takes a second or more).
+    let held = size_on_disk(target);
     if free.saturating_add(held) < needed {
         bail!(
             "only {:.1} GiB free on the file system of {} (and {:.1} GiB already in it), but a \

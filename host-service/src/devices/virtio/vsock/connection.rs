@@ -9,12 +9,21 @@
 //! beyond it is reset), the host-to-guest buffer by [`ConnectionState::tx_capacity`] (the host
 //! side is told how many bytes were taken). A protocol violation resets the connection.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use serde::{Deserialize, Serialize};
 
 use super::packet::{Header, Op, SHUTDOWN_BOTH, SHUTDOWN_RCV, SHUTDOWN_SEND};
 
 /// The host's context id.
 pub const HOST_CID: u64 = 2;
+
+/// How many of the guest's protocol violations one process logs (each resets a connection;
+/// a hostile guest could otherwise fill the log).
+pub const LOGGED_VIOLATIONS: u64 = 64;
+
+/// The guest's protocol violations so far in this process.
+static VIOLATIONS_SEEN: AtomicU64 = AtomicU64::new(0);
 
 /// Where a connection is in its life.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -262,15 +271,23 @@ impl Connection {
 
     /// Resets the connection after the guest broke the protocol, and says so in the log (a
     /// connection the guest sees reset for no reason of its own is otherwise hard to explain).
+    /// The guest chooses how often this happens, so only the first [`LOGGED_VIOLATIONS`] of
+    /// the process are logged.
     fn violation(&mut self, header: &Header, what: &str) {
-        tracing::warn!(
-            guest_port = self.state.peer_port,
-            host_port = self.state.local_port,
-            op = ?header.op,
-            len = header.len,
-            phase = ?self.state.phase,
-            "vsock: the guest sent {what}; connection reset"
-        );
+        let seen = VIOLATIONS_SEEN.fetch_add(1, Ordering::Relaxed);
+        if seen < LOGGED_VIOLATIONS {
+            tracing::warn!(
+                guest_port = self.state.peer_port,
+                host_port = self.state.local_port,
+                op = ?header.op,
+                len = header.len,
+                phase = ?self.state.phase,
+                "vsock: the guest sent {what}; connection reset"
+            );
+            if seen + 1 == LOGGED_VIOLATIONS {
+                tracing::warn!("vsock: further protocol violations of the guest are not logged");
+            }
+        }
         self.reset();
     }
 
