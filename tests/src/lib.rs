@@ -16,3 +16,13 @@ pub mod rounds;
 pub mod scenario;
 pub mod vmm;
 pub mod workload;
+
+/// Runs `work` to completion on a new single-threaded tokio runtime (the end-to-end tests are
+/// plain `#[test]`s that drive gRPC clients).
+pub fn block_on<F: std::future::Future>(work: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime")
+        .block_on(work)
+}

@@ -227,6 +227,11 @@ impl VmmProcess {
         }
     }
 
+    /// How the VMM ended, or `None` while it runs.
+    pub fn try_exit_status(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
     /// Waits for the VMM to end.
     pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
         let start = Instant::now();
@@ -372,8 +377,20 @@ impl TestVm {
         mem_mib: u64,
         cmdline: &str,
     ) -> Self {
+        Self::boot_smp(dir, root, cid, mem_mib, 1, cmdline)
+    }
+
+    /// [`TestVm::boot_with_cmdline`] with `vcpus` vCPUs.
+    pub fn boot_smp(
+        dir: &Path,
+        root: &Path,
+        cid: u32,
+        mem_mib: u64,
+        vcpus: u8,
+        cmdline: &str,
+    ) -> Self {
         let kernel = guest_kernel(&images_dir().unwrap_or_else(|e| panic!("{e}")));
-        Self::boot_kernel(&kernel, dir, root, cid, mem_mib, cmdline)
+        Self::boot_kernel_smp(&kernel, dir, root, cid, mem_mib, vcpus, cmdline)
     }
 
     /// [`TestVm::boot_with_cmdline`] with the kernel `kernel` (for tests about one kernel in
@@ -386,10 +403,23 @@ impl TestVm {
         mem_mib: u64,
         cmdline: &str,
     ) -> Self {
+        Self::boot_kernel_smp(kernel, dir, root, cid, mem_mib, 1, cmdline)
+    }
+
+    /// [`TestVm::boot_kernel`] with `vcpus` vCPUs.
+    fn boot_kernel_smp(
+        kernel: &GuestKernel,
+        dir: &Path,
+        root: &Path,
+        cid: u32,
+        mem_mib: u64,
+        vcpus: u8,
+        cmdline: &str,
+    ) -> Self {
         let (uds, control, mut args) = Self::sockets(dir, cid);
         args.extend([
             "--vcpus".into(),
-            "1".into(),
+            vcpus.to_string(),
             "--mem-mib".into(),
             mem_mib.to_string(),
         ]);

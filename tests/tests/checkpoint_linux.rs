@@ -104,11 +104,7 @@ fn checkpointed_guests_restore_with_their_memory_and_files_and_keep_running() {
     let stopped_ckpt = ckpt_dir.join("stopped.ditto");
     let running_root = ckpt_dir.join("running-root.ext4");
 
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    runtime.block_on(async {
+    ditto_tests::block_on(async {
         let mut agent = original.agent().await;
         let (code, _) = sh(
             &mut agent,

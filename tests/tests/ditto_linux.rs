@@ -154,11 +154,7 @@ fn ditto_checkpoints_never_restore_wrong_memory() {
     let mut original = TestVm::boot(&original_dir, &root, 3, MEM_MIB);
     original.process.wait_for("ditto-agent serving", BOOT);
 
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    runtime.block_on(async {
+    ditto_tests::block_on(async {
         let mut agent = original.agent().await;
         let (code, out) = sh(
             &mut agent,
@@ -239,20 +235,21 @@ fn ditto_checkpoints_never_restore_wrong_memory() {
         // see "The box's own kernel sometimes dies" in the README, far likelier).
         original.sh(&mut agent, &stop("disturb")).await;
         {
-            let (vm, mut clone) = GUEST.restore_and_check(
-                work,
-                "writes",
-                &file2,
-                &disk2,
-                5,
-                // Read before the coherence check drops the page cache.
-                &format!(
-                    "{}; sha256sum /data/raw/r1 > /root/r1.restored",
-                    stop("disturb")
-                ),
-                AFTER_RAW,
-            )
-            .await;
+            let (vm, mut clone) = GUEST
+                .restore_and_check(
+                    work,
+                    "writes",
+                    &file2,
+                    &disk2,
+                    5,
+                    // Read before the coherence check drops the page cache.
+                    &format!(
+                        "{}; sha256sum /data/raw/r1 > /root/r1.restored",
+                        stop("disturb")
+                    ),
+                    AFTER_RAW,
+                )
+                .await;
             // The raw write bypassed the guest's page cache: the restored cache keeps the bytes
             // the guest had, not the disk's.
             let (code, now) = sh(&mut clone, "cat /root/r1.restored").await;
@@ -288,7 +285,9 @@ fn ditto_checkpoints_never_restore_wrong_memory() {
         refused(work, "stale-unverified", &file2c, &disk2c, 13);
         discard(&[&file2c, &disk2c]);
         // The page cache agrees with the disk again.
-        original.sh(&mut agent, "sync; echo 3 > /proc/sys/vm/drop_caches").await;
+        original
+            .sh(&mut agent, "sync; echo 3 > /proc/sys/vm/drop_caches")
+            .await;
 
         // 3. Memory pressure that evicts and reuses frames during the scan (with page cache to
         // evict).
@@ -314,21 +313,23 @@ fn ditto_checkpoints_never_restore_wrong_memory() {
             .await;
         let (_, after) = original.sh(&mut agent, "pidof ditto-agent").await;
         assert_eq!(
-            after, agent_pid,
+            after,
+            agent_pid,
             "the agent lived through the memory pressure\n{}",
             original.process.transcript()
         );
         {
-            let (vm, _clone) = GUEST.restore_and_check(
-                work,
-                "pressure",
-                &file3,
-                &disk3,
-                6,
-                &stop("pressure"),
-                AFTER_RAW,
-            )
-            .await;
+            let (vm, _clone) = GUEST
+                .restore_and_check(
+                    work,
+                    "pressure",
+                    &file3,
+                    &disk3,
+                    6,
+                    &stop("pressure"),
+                    AFTER_RAW,
+                )
+                .await;
             drop(vm);
             discard(&[&file3, &disk3]);
         }
@@ -366,7 +367,9 @@ fn ditto_checkpoints_never_restore_wrong_memory() {
         // The agent's part says that time ran out (the balloon's, also cut short, says
         // "within" too, so it is not counted).
         assert!(
-            agent_degradations(&o4b).iter().any(|d| d.contains("within")),
+            agent_degradations(&o4b)
+                .iter()
+                .any(|d| d.contains("within")),
             "the agent's timeout is reported: {:?}",
             o4b.degraded
         );
@@ -387,7 +390,9 @@ fn ditto_checkpoints_never_restore_wrong_memory() {
             agent_port: Some(LIAR_PORT),
             ..Take::default()
         };
-        let (r5, file5, disk5) = GUEST.checkpoint(&control, &ckpts, "liar-sampled", take).await;
+        let (r5, file5, disk5) = GUEST
+            .checkpoint(&control, &ckpts, "liar-sampled", take)
+            .await;
         let o5 = r5.omission.clone().expect("report");
         assert_eq!(
             r5.pages_disk, 0,
@@ -494,16 +499,17 @@ fn ditto_checkpoints_never_restore_wrong_memory() {
         original.process.wait_exit(Duration::from_secs(60));
         {
             // Read before the coherence check drops the page cache.
-            let (vm, mut clone) = GUEST.restore_and_check(
-                work,
-                "live",
-                &live,
-                &root,
-                11,
-                "sha256sum /data/cow/c1 > /root/c1.restored",
-                "/data/workload /usr",
-            )
-            .await;
+            let (vm, mut clone) = GUEST
+                .restore_and_check(
+                    work,
+                    "live",
+                    &live,
+                    &root,
+                    11,
+                    "sha256sum /data/cow/c1 > /root/c1.restored",
+                    "/data/workload /usr",
+                )
+                .await;
             let (code, now) = sh(&mut clone, "cat /root/c1.restored").await;
             assert_eq!(code, 0);
             assert_eq!(

@@ -11,6 +11,7 @@ mod kernel;
 mod paths;
 mod qemu;
 mod setup;
+mod soak;
 mod stamp;
 mod test;
 mod testbox;
@@ -42,6 +43,8 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Full, free-only and ditto checkpoints of four workloads, with restores; a table.
     Bench(demo::BenchArgs),
+    /// Many checkpoints in a row of a busy guest in the box; every one restorable.
+    Soak(soak::SoakArgs),
 }
 
 fn main() {
@@ -54,6 +57,7 @@ fn main() {
         Command::Test(args) => test::run(&args).map(|()| 0),
         Command::Demo(args) => demo::demo(&args),
         Command::Bench(args) => demo::bench(&args),
+        Command::Soak(args) => soak::run(&args),
     };
     match result {
         Ok(code) => std::process::exit(code),

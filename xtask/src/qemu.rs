@@ -7,8 +7,20 @@ use anyhow::{Context, Result, bail};
 
 use crate::cmd;
 
-/// The QEMU binary used for the box and for booting guest images.
+/// The QEMU binary used for the box and for booting guest images, unless [`QEMU_ENV`] names
+/// another.
 pub const QEMU: &str = "qemu-system-x86_64";
+
+/// Names another QEMU binary to use instead of [`QEMU`] (to compare emulator versions).
+pub const QEMU_ENV: &str = "DITTO_QEMU";
+
+/// The QEMU binary to run: `$DITTO_QEMU`, else [`QEMU`] from PATH.
+pub fn binary() -> String {
+    std::env::var(QEMU_ENV)
+        .ok()
+        .filter(|q| !q.is_empty())
+        .unwrap_or_else(|| QEMU.to_owned())
+}
 
 /// A running QEMU, killed and reaped when dropped.
 pub struct Qemu(pub Child);
@@ -23,10 +35,11 @@ impl Drop for Qemu {
 /// A QEMU command with the options every run here uses: no default devices, no user config, no
 /// display, no reboot.
 pub fn command() -> Result<Command> {
-    if !cmd::on_path(QEMU) {
+    let binary = binary();
+    if binary == QEMU && !cmd::on_path(QEMU) {
         bail!("{QEMU} is not installed: run `cargo xtask setup` (Debian package qemu-system-x86)");
     }
-    let mut qemu = Command::new(QEMU);
+    let mut qemu = Command::new(&binary);
     qemu.args([
         "-nodefaults",
         "-no-user-config",
@@ -55,6 +68,6 @@ pub fn spawn(mut qemu: Command) -> Result<Qemu> {
     }
     Ok(Qemu(
         qemu.spawn()
-            .with_context(|| format!("cannot start {QEMU}"))?,
+            .with_context(|| format!("cannot start {}", binary()))?,
     ))
 }

@@ -17,7 +17,7 @@ const E2E_PACKAGE: &str = "ditto-tests";
 
 /// Memory of the box for the end-to-end tests: the checkpoint tests run a 1 GiB guest, then
 /// two clones of it at once, with their checkpoint files in the box's RAM-backed /tmp.
-const E2E_BOX_MEM_MIB: u64 = 6144;
+pub(crate) const E2E_BOX_MEM_MIB: u64 = 6144;
 
 /// How often one end-to-end test executable is started when the box's kernel keeps dying
 /// under it, or the box keeps hanging.
@@ -33,7 +33,7 @@ const EXECUTABLE_LIMIT: Duration = Duration::from_secs(600);
 const HOST_PREFIX: &str = "host_";
 
 /// The variable that chooses the end-to-end tests' guest kernel (`ditto_tests::microvm`).
-const GUEST_KERNEL_ENV: &str = "DITTO_GUEST_KERNEL";
+pub(crate) const GUEST_KERNEL_ENV: &str = "DITTO_GUEST_KERNEL";
 
 /// The guest kernels the box tests run on, in order: Debian's with its initramfs, then the
 /// patched one of `cargo xtask kernel`.
@@ -44,11 +44,11 @@ const GUEST_KERNELS: [&str; 2] = ["stock", "ditto"];
 const DITTO_KERNEL_ONLY: &[&str] = &["kpageblock_linux"];
 
 /// One end-to-end test executable.
-struct TestExecutable {
+pub(crate) struct TestExecutable {
     /// The test target's name (the file name in `tests/tests/`).
-    name: String,
+    pub(crate) name: String,
     /// The static musl executable.
-    executable: String,
+    pub(crate) executable: String,
 }
 
 /// Options of `cargo xtask test`.
@@ -219,7 +219,7 @@ fn step<T>(name: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
 }
 
 /// Builds the end-to-end test executables as static musl binaries.
-fn e2e_executables() -> Result<Vec<TestExecutable>> {
+pub(crate) fn e2e_executables() -> Result<Vec<TestExecutable>> {
     let mut build = cmd::cargo();
     build.args([
         "test",

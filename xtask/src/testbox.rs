@@ -40,6 +40,9 @@ const BOX_INIT: &str = include_str!("../assets/box-init.sh");
 const BOX_CPU: &str = "EPYC,-nrip-save,-xsavec,-rdseed,-sha-ni,-fxsr-opt,-misalignsse,\
                        -3dnowprefetch,-osvw,-topoext";
 
+/// Variables with this prefix are passed into the box (the settings of `cargo xtask soak`).
+pub const SOAK_ENV_PREFIX: &str = "DITTO_SOAK_";
+
 /// Memory of the box unless asked otherwise, in MiB.
 pub const DEFAULT_MEM_MIB: u64 = 4096;
 
@@ -282,6 +285,8 @@ fn run_in_box(args: &BoxArgs) -> Result<i32> {
             env.push((name.to_owned(), value));
         }
     }
+    // The settings of `cargo xtask soak` (soak_linux).
+    env.extend(std::env::vars().filter(|(name, _)| name.starts_with(SOAK_ENV_PREFIX)));
     for (name, value) in &env {
         writeln!(script, "export {name}={}", shell_quote(value))?;
     }
