@@ -13,7 +13,7 @@ use clap::{Parser, Subcommand};
 use ditto_host::control::ControlSocket;
 use ditto_host::vmm::config::{RestoreArgs, RunArgs};
 use ditto_host::vmm::control::VmmControl;
-use ditto_host::vmm::exit_file::ExitRecord;
+use ditto_host::vmm::exit_file::{CONSOLE_LINES, ExitRecord};
 use ditto_host::vmm::{ExitReason, Vmm, VmmEvents};
 
 #[derive(Parser)]
@@ -38,8 +38,14 @@ enum Begin {
     Resume,
 }
 
+/// How the VM ended, with the guest's last console lines.
+struct Ended {
+    reason: ExitReason,
+    console_tail: Vec<String>,
+}
+
 /// Runs a built VM until it ends: signals, the control socket, the guest's power events.
-fn serve(vmm: Vmm, events: VmmEvents, control: Option<&Path>, begin: Begin) -> Result<ExitReason> {
+fn serve(vmm: Vmm, events: VmmEvents, control: Option<&Path>, begin: Begin) -> Result<Ended> {
     let sender = vmm.event_sender();
     let vmm = Arc::new(Mutex::new(vmm));
     let lock = || vmm.lock().unwrap_or_else(PoisonError::into_inner);
@@ -92,6 +98,11 @@ fn serve(vmm: Vmm, events: VmmEvents, control: Option<&Path>, begin: Begin) -> R
     }
     let reason = events.wait(|| lock().check_alive());
     let stopped = lock().stop().context("cannot stop the VM");
+    let (reason, console_tail) = {
+        let vmm = lock();
+        let tail = vmm.console_tail();
+        (reason.with_console(tail), tail.last_lines(CONSOLE_LINES))
+    };
     let _ = stop_control.send(());
     if let Some(server) = control {
         match runtime.block_on(server) {
@@ -102,15 +113,18 @@ fn serve(vmm: Vmm, events: VmmEvents, control: Option<&Path>, begin: Begin) -> R
     }
     runtime.shutdown_background();
     stopped?;
-    Ok(reason)
+    Ok(Ended {
+        reason,
+        console_tail,
+    })
 }
 
-fn run(args: &RunArgs) -> Result<ExitReason> {
+fn run(args: &RunArgs) -> Result<Ended> {
     let (vmm, events) = Vmm::build(args.config()).context("cannot build the VM")?;
     serve(vmm, events, args.process.control.as_deref(), Begin::Boot)
 }
 
-fn restore(args: &RestoreArgs) -> Result<ExitReason> {
+fn restore(args: &RestoreArgs) -> Result<Ended> {
     let (vmm, events, report) = Vmm::restore(&args.from, &args.options())
         .with_context(|| format!("cannot restore from {}", args.from.display()))?;
     eprintln!(
@@ -128,18 +142,31 @@ fn restore(args: &RestoreArgs) -> Result<ExitReason> {
 }
 
 /// Reports how the VM ended, on standard error and in the exit file.
-fn finish(outcome: Result<ExitReason>, exit_file: Option<&PathBuf>) -> ExitCode {
+fn finish(outcome: Result<Ended>, exit_file: Option<&PathBuf>) -> ExitCode {
     let record = match outcome {
-        Ok(reason) => ExitRecord {
+        Ok(Ended {
+            reason,
+            console_tail,
+        }) => ExitRecord {
             clean: reason.is_clean(),
             reason: reason.to_string(),
+            kind: reason.kind().to_owned(),
+            console_tail,
         },
         Err(e) => ExitRecord {
             clean: false,
             reason: format!("{e:#}"),
+            kind: "vmm_error".to_owned(),
+            console_tail: Vec::new(),
         },
     };
     eprintln!("ditto-vmm: VM ended: {}", record.reason);
+    if !record.clean && !record.console_tail.is_empty() {
+        eprintln!("ditto-vmm: the guest's last console lines:");
+        for line in &record.console_tail {
+            eprintln!("  | {line}");
+        }
+    }
     if let Some(path) = exit_file
         && let Err(e) = record.write(path)
     {

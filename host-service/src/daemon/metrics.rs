@@ -2,7 +2,9 @@
 //!
 //! - `ditto_vms{state="running"}`: VMs by state (every state is always present);
 //! - `ditto_operation_duration_seconds{op="start",code="ok"}`: a histogram of API operations;
-//! - `ditto_operations_total{op,code}`: API operations by outcome (`ok` or the gRPC code).
+//! - `ditto_operations_total{op,code}`: API operations by outcome (`ok` or the gRPC code);
+//! - `ditto_vm_failures_total{kind}`: VMs that ended FAILED, by the kind of end
+//!   (`triple_fault`, `guest_panic`, `vcpu_failed`, `vmm_error`, `vmm_gone`).
 //!
 //! The recording functions write to the `metrics` facade and cost nothing without an exporter.
 
@@ -39,4 +41,9 @@ pub fn operation(op: &'static str, code: &'static str, took: Duration) {
     metrics::histogram!("ditto_operation_duration_seconds", "op" => op, "code" => code)
         .record(took.as_secs_f64());
     metrics::counter!("ditto_operations_total", "op" => op, "code" => code).increment(1);
+}
+
+/// Counts a VM that ended FAILED, by the kind of end.
+pub fn vm_failure(kind: &str) {
+    metrics::counter!("ditto_vm_failures_total", "kind" => kind.to_owned()).increment(1);
 }

@@ -226,6 +226,7 @@ mod tests {
                 console: dir.path().join("console.log"),
                 log: dir.path().join("vmm.log"),
                 exit: dir.path().join("exit.json"),
+                failure: dir.path().join("last-failure.log"),
             };
             let config = crate::vmm::config::VmConfig {
                 kernel: "/k".into(),

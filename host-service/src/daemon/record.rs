@@ -149,6 +149,9 @@ pub struct VmPaths {
     pub log: PathBuf,
     /// Why the VMM last ended (written by `ditto-vmm --exit-file`).
     pub exit: PathBuf,
+    /// The last failure: its reason and the guest's last console lines, kept until the next
+    /// failure (a new start removes `exit.json`, not this).
+    pub failure: PathBuf,
 }
 
 impl VmPaths {
@@ -160,6 +163,7 @@ impl VmPaths {
             console: dir.join("console.log"),
             log: dir.join("vmm.log"),
             exit: dir.join("exit.json"),
+            failure: dir.join("last-failure.log"),
             dir,
         }
     }

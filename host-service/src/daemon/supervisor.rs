@@ -21,8 +21,9 @@ use ditto_proto::agent::v1 as agent_pb;
 use tokio::sync::watch;
 
 use super::error::Error;
+use super::metrics as daemon_metrics;
 use super::process::{RawExit, VmmProcess};
-use super::record::{VmPhase, VmRecord};
+use super::record::{VmPaths, VmPhase, VmRecord};
 use super::registry::{EventKind, Registry, Running, Vm, now_ms};
 use crate::agent::{self, AGENT_PORT};
 use crate::control::{ClientError, VmState, VmmClient};
@@ -121,6 +122,35 @@ fn judge_exit(
     }
 }
 
+/// The kind of a VMM's end and the guest's last console lines, from its exit file (`vmm_gone`
+/// and nothing when it left none).
+fn failure_details(file: Option<&ExitRecord>) -> (String, Vec<String>) {
+    match file {
+        Some(f) if !f.kind.is_empty() => (f.kind.clone(), f.console_tail.clone()),
+        Some(f) => ("unknown".to_owned(), f.console_tail.clone()),
+        None => ("vmm_gone".to_owned(), Vec::new()),
+    }
+}
+
+/// Counts a FAILED end in the metrics and keeps its reason and the guest's last console lines
+/// in the VM's folder (`last-failure.log`), which the next start does not remove.
+fn record_failure(paths: &VmPaths, kind: &str, reason: &str, console_tail: &[String]) {
+    daemon_metrics::vm_failure(kind);
+    let mut text = format!("{reason}\nkind: {kind}\n");
+    if console_tail.is_empty() {
+        text.push_str("the guest's console: nothing recorded\n");
+    } else {
+        text.push_str("the guest's last console lines:\n");
+        for line in console_tail {
+            text.push_str(line);
+            text.push('\n');
+        }
+    }
+    if let Err(e) = crate::atomic_file::write(&paths.failure, text.as_bytes()) {
+        tracing::warn!(path = %paths.failure.display(), error = %e, "cannot keep the failure");
+    }
+}
+
 impl Registry {
     /// Starts watching `process`, the VMM of `vm`; returns what the VM's [`Running`] is.
     fn supervise(self: &Arc<Self>, vm: &Arc<Vm>, process: VmmProcess) -> Running {
@@ -139,8 +169,10 @@ impl Registry {
                 Some(ExitRecord {
                     clean: false,
                     reason: format!("unreadable exit file: {e}"),
+                    ..ExitRecord::default()
                 })
             });
+            let (kind, console_tail) = failure_details(file.as_ref());
             let (clean, reason) = judge_exit(process.pid(), &raw, file);
             let requested = {
                 let mut inner = vm.lock();
@@ -166,6 +198,7 @@ impl Registry {
             }
             registry.emit(&vm, EventKind::Exited, message.clone());
             if state == VmPhase::Failed {
+                record_failure(&vm.paths, &kind, &message, &console_tail);
                 registry.emit(&vm, EventKind::Error, message);
             }
             let _ = ended_tx.send(true);
@@ -548,6 +581,7 @@ impl Registry {
                 }
                 None => {
                     let file = ExitRecord::read(&vm.paths.exit).ok().flatten();
+                    let (kind, console_tail) = failure_details(file.as_ref());
                     let (clean, reason) = match file {
                         Some(f) => (f.clean, f.reason),
                         None => (
@@ -571,6 +605,9 @@ impl Registry {
                     }) {
                         tracing::error!(vm = %vm.id, error = %e, "cannot record the VM's end");
                     }
+                    if to == VmPhase::Failed {
+                        record_failure(&vm.paths, &kind, &why, &console_tail);
+                    }
                 }
             }
         }
@@ -588,6 +625,7 @@ mod tests {
         let clean = Some(ExitRecord {
             clean: true,
             reason: "the guest powered off".into(),
+            ..ExitRecord::default()
         });
         assert_eq!(
             judge_exit(1, &Ok(RawExit::Code(0)), clean),

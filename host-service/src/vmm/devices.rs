@@ -14,6 +14,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::config::{Console, VmConfig};
 use crate::boot::layout::{Layout, MmioSlot};
 use crate::devices::bus::{BusError, Buses};
+use crate::devices::legacy::console_tail::{ConsoleTail, TailWriter};
 use crate::devices::legacy::i8042::{self, KeyboardControllerReset};
 use crate::devices::legacy::power::{self, OnPowerEvent, PowerDevice};
 use crate::devices::legacy::serial::{self, SerialConsole, SerialConsoleState};
@@ -94,6 +95,8 @@ pub struct DevicesState {
 pub struct Devices {
     /// The serial console.
     pub serial: Arc<Mutex<SerialConsole>>,
+    /// The last lines the guest wrote to the serial console.
+    pub console_tail: ConsoleTail,
     /// The drives, in configuration order.
     pub blocks: Vec<Shared<Block>>,
     /// The vsock device.
@@ -171,7 +174,11 @@ impl Devices {
         on_power: OnPowerEvent,
     ) -> Result<Self, DevicesError> {
         let mut buses = Buses::default();
-        let out = console_writer(&config.console)?;
+        let console_tail = ConsoleTail::default();
+        let out: Box<dyn Write + Send> = Box::new(TailWriter::new(
+            console_writer(&config.console)?,
+            console_tail.clone(),
+        ));
         let serial_irq = irq_line(vm, serial::COM1_IRQ)?;
         let serial = match state {
             Some(s) => SerialConsole::restore(&s.serial, serial_irq, out)
@@ -248,6 +255,7 @@ impl Devices {
         };
         Ok(Self {
             serial,
+            console_tail,
             blocks,
             vsock,
             balloon,

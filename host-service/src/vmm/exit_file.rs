@@ -8,14 +8,24 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+/// How many of the guest's last console lines an exit record keeps.
+pub const CONSOLE_LINES: usize = 40;
+
 /// The contents of the exit file.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ExitRecord {
     /// True for a normal end (exit status 0): the guest powered off or rebooted, or the VMM
-    /// was asked to end.
+    /// was asked to end. A guest crash (triple fault, kernel panic) or a failed vCPU is not.
     pub clean: bool,
     /// What happened, for a person.
     pub reason: String,
+    /// The kind of end ([`crate::vmm::ExitReason::kind`]; `vmm_error` when the VMM itself
+    /// failed); empty in records of older VMMs.
+    #[serde(default)]
+    pub kind: String,
+    /// The guest's last console lines (at most [`CONSOLE_LINES`]).
+    #[serde(default)]
+    pub console_tail: Vec<String>,
 }
 
 impl ExitRecord {
@@ -49,9 +59,16 @@ mod tests {
         let record = ExitRecord {
             clean: false,
             reason: "a vCPU failed: boom".into(),
+            kind: "vcpu_failed".into(),
+            console_tail: vec!["[ 1.0] last words".into()],
         };
         record.write(&path).expect("write");
         assert_eq!(ExitRecord::read(&path).expect("read"), Some(record));
+        // A record of an older VMM has neither kind nor console.
+        std::fs::write(&path, br#"{"clean":true,"reason":"the guest powered off"}"#)
+            .expect("old record");
+        let old = ExitRecord::read(&path).expect("read").expect("a record");
+        assert!(old.clean && old.kind.is_empty() && old.console_tail.is_empty());
         std::fs::write(&path, b"{not json").expect("garble");
         assert!(ExitRecord::read(&path).is_err());
     }

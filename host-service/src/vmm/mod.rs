@@ -26,6 +26,7 @@ use crate::boot::cpu::{self, CpuSetupError};
 use crate::boot::layout::{Layout, LayoutError, MIB};
 use crate::boot::loader::{self, LoadError};
 use crate::boot::reset_vector::{self, ResetVectorError};
+use crate::devices::legacy::console_tail::ConsoleTail;
 use crate::devices::legacy::power::{OnPowerEvent, PowerEvent};
 use crate::devices::virtio::vsock::unix::{self as vsock_unix, VsockUnixError, VsockUnixThread};
 use crate::kvm::memory::GuestMemory;
@@ -114,19 +115,25 @@ pub enum RunState {
 pub enum ExitReason {
     /// The guest powered off.
     PowerOff,
-    /// The guest rebooted (ACPI reset).
+    /// The guest rebooted (ACPI reset or the keyboard controller's reset line); the VMM ends
+    /// the VM instead of booting it again.
     Reset,
-    /// A vCPU shut down (triple fault): the guest reset itself the hard way.
+    /// A vCPU shut down (triple fault): the guest crashed.
     TripleFault {
         /// The vCPU.
         vcpu: u8,
+    },
+    /// The guest's kernel panicked (its console says so) and then reset or shut down.
+    GuestPanic {
+        /// The console line that reports the panic.
+        line: String,
     },
     /// The owner asked the VM to end.
     Requested,
     /// A checkpoint was written and the VM stopped with it (it must not run on: the
     /// checkpoint continues it).
     Checkpointed(std::path::PathBuf),
-    /// A vCPU failed; the guest cannot continue.
+    /// A vCPU failed (a KVM error or an exit the VMM cannot handle); the guest cannot continue.
     Failed(String),
 }
 
@@ -135,7 +142,10 @@ impl std::fmt::Display for ExitReason {
         match self {
             Self::PowerOff => f.write_str("the guest powered off"),
             Self::Reset => f.write_str("the guest rebooted"),
-            Self::TripleFault { vcpu } => write!(f, "vCPU {vcpu} shut down (triple fault)"),
+            Self::TripleFault { vcpu } => {
+                write!(f, "the guest crashed: vCPU {vcpu} shut down (triple fault)")
+            }
+            Self::GuestPanic { line } => write!(f, "the guest's kernel panicked: {line}"),
             Self::Requested => f.write_str("the VMM was asked to end"),
             Self::Checkpointed(path) => {
                 write!(
@@ -150,9 +160,38 @@ impl std::fmt::Display for ExitReason {
 }
 
 impl ExitReason {
-    /// Whether this is a normal end of the guest (exit status 0).
+    /// Whether this is a normal end of the guest (exit status 0). A crash of the guest (triple
+    /// fault, kernel panic) and a failed vCPU are not.
     pub fn is_clean(&self) -> bool {
-        !matches!(self, Self::Failed(_))
+        matches!(
+            self,
+            Self::PowerOff | Self::Reset | Self::Requested | Self::Checkpointed(_)
+        )
+    }
+
+    /// A short name of the kind of end, for metrics and scripts.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::PowerOff => "power_off",
+            Self::Reset => "reset",
+            Self::TripleFault { .. } => "triple_fault",
+            Self::GuestPanic { .. } => "guest_panic",
+            Self::Requested => "requested",
+            Self::Checkpointed(_) => "checkpointed",
+            Self::Failed(_) => "vcpu_failed",
+        }
+    }
+
+    /// This end in the light of the guest's console: a reset or a triple fault that follows a
+    /// kernel panic is the panic's.
+    pub fn with_console(self, tail: &ConsoleTail) -> Self {
+        match self {
+            Self::Reset | Self::TripleFault { .. } => match tail.panic_line() {
+                Some(line) => Self::GuestPanic { line },
+                None => self,
+            },
+            other => other,
+        }
     }
 }
 
@@ -423,6 +462,11 @@ impl Vmm {
         &self.devices
     }
 
+    /// The last lines the guest wrote to its serial console.
+    pub fn console_tail(&self) -> &ConsoleTail {
+        &self.devices.console_tail
+    }
+
     /// A sender for asking the VM to end.
     pub fn event_sender(&self) -> EventSender {
         self.events.clone()
@@ -631,6 +675,41 @@ mod tests {
         match Vmm::build(config(mem_mib)) {
             Ok(_) => panic!("a VM with a missing kernel was built"),
             Err(e) => e,
+        }
+    }
+
+    #[test]
+    fn a_crashed_guest_is_not_a_clean_end() {
+        let quiet = ConsoleTail::default();
+        quiet.push(b"[ 5.0] reboot: Restarting system\n");
+        let panicked = ConsoleTail::default();
+        panicked.push(b"[ 9.1] Kernel panic - not syncing: Attempted to kill init!\n[ 9.2] end\n");
+
+        let triple = ExitReason::TripleFault { vcpu: 1 };
+        assert!(!triple.is_clean());
+        assert_eq!(triple.kind(), "triple_fault");
+        assert!(triple.to_string().contains("crashed"), "{triple}");
+        assert_eq!(triple.clone().with_console(&quiet), triple);
+        assert!(!ExitReason::Failed("KVM_RUN: EFAULT".into()).is_clean());
+
+        // A reboot is a clean end, unless the console shows it followed a kernel panic.
+        assert!(ExitReason::Reset.with_console(&quiet).is_clean());
+        for end in [ExitReason::Reset, triple] {
+            let judged = end.with_console(&panicked);
+            assert!(!judged.is_clean(), "{judged}");
+            assert_eq!(judged.kind(), "guest_panic");
+            assert!(
+                judged.to_string().contains("Attempted to kill init"),
+                "{judged}"
+            );
+        }
+        for clean in [
+            ExitReason::PowerOff,
+            ExitReason::Requested,
+            ExitReason::Checkpointed("/c".into()),
+        ] {
+            assert!(clean.is_clean(), "{clean}");
+            assert_eq!(clean.clone().with_console(&panicked), clean);
         }
     }
 
