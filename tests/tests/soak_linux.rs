@@ -104,34 +104,59 @@ impl Plan {
 }
 
 /// Fails the test when the original VM is gone or its agent does not answer: prints how many
-/// checkpoints it lived through and its console and VMM log.
+/// checkpoints it lived through, what the guest and its VMM say, and its console and VMM log.
+/// A broken connection to a guest that still answers on a new one is told apart from a death.
 async fn assert_alive(
     vm: &mut TestVm,
     agent: &mut AgentClient<Channel>,
     control: &VmmClient,
     after: &str,
 ) {
-    let died = |why: String, vm: &TestVm| -> ! {
-        panic!(
-            "the original guest died after {after}: {why}\n{}",
-            vm.process.transcript()
-        )
+    let why = match tokio::time::timeout(ALIVE_LIMIT, try_sh(agent, "cat /proc/uptime")).await {
+        Ok(Ok((0, _))) => return,
+        Ok(Ok((code, out))) => format!("`cat /proc/uptime` said {code}: {out}"),
+        Ok(Err(e)) => format!("its agent: {e:?}"),
+        Err(_) => format!("its agent did not answer within {ALIVE_LIMIT:?}"),
     };
-    if let Some(status) = vm.process.try_exit_status() {
-        died(format!("its VMM ended ({status})"), vm);
+    // A guest that crashed takes its VMM with it within moments.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline && vm.process.try_exit_status().is_none() {
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    if let Err(e) = control.status().await {
-        died(format!("its control socket: {e}"), vm);
-    }
-    match tokio::time::timeout(ALIVE_LIMIT, try_sh(agent, "cat /proc/uptime")).await {
-        Ok(Ok((0, _))) => {}
-        Ok(Ok((code, out))) => died(format!("`cat /proc/uptime` said {code}: {out}"), vm),
-        Ok(Err(e)) => died(format!("its agent: {e}"), vm),
-        Err(_) => died(
-            format!("its agent did not answer within {ALIVE_LIMIT:?}"),
-            vm,
+    let vmm = match vm.process.try_exit_status() {
+        Some(status) => format!("its VMM ended ({status})"),
+        None => match control.status().await {
+            Ok(s) => format!("its VMM runs (state {:?})", s.state),
+            Err(e) => format!("its VMM runs, but its control socket fails: {e}"),
+        },
+    };
+    let fresh = match tokio::time::timeout(
+        Duration::from_secs(30),
+        ditto_host::agent::connect(
+            &vm.uds,
+            ditto_tests::vmm::AGENT_PORT,
+            Duration::from_secs(10),
         ),
-    }
+    )
+    .await
+    {
+        Ok(Ok(mut client)) => match tokio::time::timeout(
+            Duration::from_secs(30),
+            try_sh(&mut client, "cat /proc/uptime; dmesg | tail -n 30"),
+        )
+        .await
+        {
+            Ok(Ok((code, out))) => format!("a new connection to the agent works ({code}):\n{out}"),
+            Ok(Err(e)) => format!("a new connection to the agent fails: {e:?}"),
+            Err(_) => "a new connection to the agent does not answer".to_owned(),
+        },
+        Ok(Err(e)) => format!("no new connection to the agent: {e}"),
+        Err(_) => "no new connection to the agent within 30 s".to_owned(),
+    };
+    panic!(
+        "the original guest failed after {after}: {why}\n{vmm}; {fresh}\n{}",
+        vm.process.transcript()
+    )
 }
 
 #[test]
