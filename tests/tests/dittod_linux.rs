@@ -4,7 +4,9 @@
 //! two VMs at once where `kill -9` of one VMM fails that VM alone, with the event on
 //! `dittoctl events` and on a filtered WatchEvents stream; a daemon killed or stopped and
 //! started again that re-attaches to its running VM (and a VMM that died while no daemon ran
-//! found FAILED); and every error code of the API provoked and checked through a tonic client
+//! found FAILED); a guest that crashes (a triple fault, with `reboot=t`) found FAILED with the
+//! reason, an error event and its last console lines kept in `last-failure.log`; and every
+//! error code of the API provoked and checked through a tonic client
 //! and through `dittoctl`'s exit status and message.
 
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
@@ -284,6 +286,70 @@ fn a_killed_vmm_fails_its_vm_alone() {
     for name in ["one", "two"] {
         daemon.ctl_json(&["delete", name]);
     }
+}
+
+#[test]
+#[ignore = "boots Linux: runs in the KVM test box"]
+fn a_guest_that_crashes_fails_its_vm_with_the_reason_and_its_console() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let state = dir.path().join("state");
+    let daemon = Daemon::start(&state, &[]);
+    let events = daemon.events(None);
+    // With reboot=t the guest kernel restarts by a triple fault: a real one, on demand.
+    let root = root_copy(dir.path(), "crash");
+    let created = daemon.ctl_json(&strs(&create_args("crash", &root, "rw reboot=t", false)));
+    let id = created["id"].as_str().expect("id").to_owned();
+    start(&daemon, "crash");
+    // The guest's last words, to find among the kept console lines.
+    exec(
+        &daemon,
+        "crash",
+        &["sh", "-c", "echo ditto-crash-marker > /dev/console"],
+    );
+    exec(
+        &daemon,
+        "crash",
+        &[
+            "sh",
+            "-c",
+            "(sleep 1; reboot -f) </dev/null >/dev/null 2>&1 &",
+        ],
+    );
+    let exited = events.wait_for(Duration::from_secs(120), |e| {
+        e["vm_name"] == "crash" && e["kind"] == "exited"
+    });
+    assert_eq!(
+        exited["state"], "failed",
+        "a crash is no clean stop: {exited}"
+    );
+    assert_mentions(&exited, "message", "triple fault");
+    let error = events.wait_for(EVENT, |e| e["vm_name"] == "crash" && e["kind"] == "error");
+    assert_mentions(&error, "message", "triple fault");
+    let failed = get(&daemon, "crash");
+    assert_vm(&failed, "crash", "failed");
+    assert_mentions(&failed, "last_error", "triple fault");
+    let vm_dir = state.join("vms").join(&id);
+    let exit: Value = serde_json::from_slice(
+        &std::fs::read(vm_dir.join("exit.json")).expect("the VMM's exit file"),
+    )
+    .expect("exit.json");
+    assert_eq!(exit["clean"], false, "{exit}");
+    assert_eq!(exit["kind"], "triple_fault", "{exit}");
+    let kept = std::fs::read_to_string(vm_dir.join("last-failure.log")).expect("last-failure.log");
+    assert!(
+        kept.contains("triple fault") && kept.contains("kind: triple_fault"),
+        "{kept}"
+    );
+    assert!(
+        kept.contains("ditto-crash-marker"),
+        "the console's last lines: {kept}"
+    );
+    // The kept failure outlives a new start (which clears the exit file).
+    start(&daemon, "crash");
+    assert!(vm_dir.join("last-failure.log").exists());
+    let stopped = daemon.ctl_json(&["stop", "crash"]);
+    assert_vm(&stopped["vm"], "crash", "stopped");
+    daemon.ctl_json(&["delete", "crash"]);
 }
 
 #[test]
