@@ -153,11 +153,43 @@ where
             VcpuExitKind::Interrupted => vcpu.fd_mut().set_kvm_immediate_exit(0),
             exit => {
                 if on_exit(&exit) == ExitAction::Stop {
-                    break;
+                    return Ok(());
                 }
             }
         }
     }
+    complete_pending_io(vcpu, buses, on_exit)
+}
+
+/// Most exits [`complete_pending_io`] handles before it gives up on a vCPU that keeps exiting
+/// (a string I/O instruction exits once per element it cannot batch).
+const MAX_COMPLETION_EXITS: usize = 4096;
+
+/// Lets KVM finish the instruction of the last port I/O or MMIO exit before the vCPU is parked.
+/// KVM completes such an exit (the value of a read, the instruction pointer past a port write)
+/// only on the next `KVM_RUN`; until then the vCPU's registers are mid-instruction, and state
+/// captured from them would repeat the access or lose the value read. With `immediate_exit`
+/// set, `KVM_RUN` completes the pending operation and returns at once, before the guest runs
+/// on. An operation that exits again (string I/O) is handled and completed in turn.
+fn complete_pending_io<F>(vcpu: &mut Vcpu, buses: &Buses, on_exit: &mut F) -> Result<(), VcpuError>
+where
+    F: FnMut(&VcpuExitKind) -> ExitAction,
+{
+    for _ in 0..MAX_COMPLETION_EXITS {
+        vcpu.fd_mut().set_kvm_immediate_exit(1);
+        match vcpu.run_with_buses(&buses.pio, &buses.mmio)? {
+            VcpuExitKind::Interrupted => return Ok(()),
+            exit => {
+                if on_exit(&exit) == ExitAction::Stop {
+                    return Ok(());
+                }
+            }
+        }
+    }
+    tracing::warn!(
+        vcpu = vcpu.index(),
+        "the vCPU kept exiting while its last I/O was completed; parked mid-instruction"
+    );
     Ok(())
 }
 
@@ -248,6 +280,73 @@ mod tests {
             "the guest kept counting"
         );
         assert!(exits.load(Ordering::SeqCst) >= paused_at);
+    }
+
+    /// Port 0x80 answers the n-th read with n; the fifth read holds until the test has asked
+    /// the vCPU to stop, so the stop is seen right after a read exit was handled.
+    struct CountingPort {
+        reads: u8,
+        fifth: mpsc::Sender<()>,
+        stopping: Arc<AtomicBool>,
+    }
+
+    impl crate::devices::bus::BusDevice for CountingPort {
+        fn read(&mut self, _offset: u64, data: &mut [u8]) {
+            self.reads = self.reads.wrapping_add(1);
+            if self.reads == 5 {
+                let _ = self.fifth.send(());
+                while !self.stopping.load(Ordering::SeqCst) {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }
+            data.fill(self.reads);
+        }
+
+        fn write(&mut self, _offset: u64, _data: &[u8]) {}
+    }
+
+    #[test]
+    fn a_vcpu_is_parked_with_its_last_port_read_completed() {
+        // in al, 0x80; mov [0x3000], al; jmp back to the in
+        let code = [0xe4, 0x80, 0xa2, 0x00, 0x30, 0xeb, 0xf9];
+        let vm = Vm::new(&MemoryLayout::single(16 * 4096)).expect("vm");
+        vm.memory()
+            .write_slice(&code, GuestAddress(0x1000))
+            .expect("code");
+        let mut vcpu = vm.create_vcpu(0).expect("vcpu");
+        vcpu.set_real_mode_entry(0x1000).expect("entry");
+        let (fifth, at_fifth) = mpsc::channel();
+        let stopping = Arc::new(AtomicBool::new(false));
+        let mut buses = Buses::default();
+        let port = CountingPort {
+            reads: 0,
+            fifth,
+            stopping: stopping.clone(),
+        };
+        buses
+            .pio
+            .insert(0x80, 1, Arc::new(std::sync::Mutex::new(port)))
+            .expect("port");
+        let thread =
+            VcpuThread::spawn(vcpu, Arc::new(buses), |_| ExitAction::Continue).expect("spawn");
+        at_fifth
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the fifth read");
+        // The stop flag is up before the fifth read returns.
+        let stopper = std::thread::spawn(move || thread.stop(Duration::from_secs(5)));
+        std::thread::sleep(Duration::from_millis(20));
+        stopping.store(true, Ordering::SeqCst);
+        let vcpu = stopper.join().expect("join").expect("stop");
+        let regs = vcpu.save_state().expect("state").regs;
+        assert_eq!(regs.rax & 0xff, 5, "the fifth read reached AL");
+        assert_eq!(regs.rip, 0x1002, "parked after the in, not on it");
+        assert_eq!(
+            vm.memory()
+                .read_obj::<u8>(GuestAddress(0x3000))
+                .expect("stored"),
+            4,
+            "and before the next instruction"
+        );
     }
 
     #[test]
