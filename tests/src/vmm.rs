@@ -469,6 +469,28 @@ impl TestVm {
         }
     }
 
+    /// Ends the VM through its control socket and waits for the VMM to exit cleanly; a VMM that
+    /// is already gone (its guest crashed) or ends uncleanly fails the test with its exit
+    /// status, console and log.
+    pub async fn shutdown(&mut self, control: &VmmClient) {
+        if let Err(e) = control.shutdown().await {
+            let state = match self.process.try_exit_status() {
+                Some(status) => format!("it had ended: {status}"),
+                None => "it still runs".to_owned(),
+            };
+            panic!(
+                "the VMM's shutdown failed: {e}; {state}\n{}",
+                self.process.transcript()
+            );
+        }
+        let status = self.process.wait_exit(Duration::from_secs(60));
+        assert!(
+            status.success(),
+            "the VMM ended with {status} after its shutdown\n{}",
+            self.process.transcript()
+        );
+    }
+
     /// The guest agent, once the VMM serves its control socket (a restore fills memory
     /// first).
     pub async fn agent(&self) -> AgentClient<Channel> {

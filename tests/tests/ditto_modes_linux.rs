@@ -96,7 +96,7 @@ fn free_only_omits_free_pages_and_hostile_agent_streams_only_cost_the_page_cache
     let (tmp, ckpts, runtime) = setup();
     let work = tmp.path();
     runtime.block_on(async {
-        let (vm, mut agent, control) = guest_with_workload(work, "rw").await;
+        let (mut vm, mut agent, control) = guest_with_workload(work, "rw").await;
 
         // 1. Free-only: free pages omitted, the agent not asked, the page cache saved.
         let take = Take {
@@ -167,7 +167,7 @@ fn free_only_omits_free_pages_and_hostile_agent_streams_only_cost_the_page_cache
         assert!(r.pages_disk > 0 && r.pages_free > 0, "{o:?}");
         discard(&[&file, &disk]);
         drop(agent);
-        control.shutdown().await.expect("shutdown");
+        vm.shutdown(&control).await;
         drop(vm);
     });
 }
@@ -178,7 +178,7 @@ fn a_guest_without_the_balloon_driver_checkpoints_correctly_and_says_why() {
     let (tmp, ckpts, runtime) = setup();
     let work = tmp.path();
     runtime.block_on(async {
-        let (vm, mut agent, control) =
+        let (mut vm, mut agent, control) =
             // The stock kernel's driver is a module; the patched kernel's is built in, and
             // only initcall_blacklist= keeps it from registering (it has CONFIG_KALLSYMS).
             guest_with_workload(
@@ -216,7 +216,7 @@ fn a_guest_without_the_balloon_driver_checkpoints_correctly_and_says_why() {
         assert!(r.pages_disk > 0, "page cache is still omitted: {o:?}");
         restore_and_discard(work, "no-balloon-driver", &file, &disk, 4).await;
         drop(agent);
-        control.shutdown().await.expect("shutdown");
+        vm.shutdown(&control).await;
         drop(vm);
     });
 }

@@ -242,7 +242,7 @@ fn kpageblock_reports_equal_the_disk_and_a_ditto_checkpoint_uses_them() {
             "every omitted page was compared with the disk: {o:?}"
         );
         drop(agent);
-        control.shutdown().await.expect("shutdown");
+        vm.shutdown(&control).await;
         drop(vm);
 
         let (restored, mut agent) = GUEST

@@ -267,6 +267,6 @@ fn a_busy_guest_lives_through_repeated_checkpoints_and_each_restores() {
             started.elapsed().as_secs_f64()
         );
         original.sh(&mut agent, STOP_CHURN).await;
-        control.shutdown().await.expect("shutdown");
+        original.shutdown(&control).await;
     });
 }
