@@ -93,7 +93,7 @@ impl Plan {
             }
             None => vec![(Mode::Ditto, 8), (Mode::FreeOnly, 3), (Mode::Full, 2)],
         };
-        let restore_every = count("DITTO_SOAK_RESTORE_EVERY", 1).max(1);
+        let restore_every = count("DITTO_SOAK_RESTORE_EVERY", 2).max(1);
         let balloon = var("DITTO_SOAK_BALLOON").is_none_or(|v| v != "0");
         Self {
             checkpoints,
