@@ -154,9 +154,55 @@ async fn assert_alive(
         Err(_) => "no new connection to the agent within 30 s".to_owned(),
     };
     panic!(
-        "the original guest failed after {after}: {why}\n{vmm}; {fresh}\n{}",
+        "the original guest failed after {after}: {why}\n{vmm}; {fresh}\n\
+         the VMM's threads:\n{}\nthe host kernel's last messages:\n{}\n{}",
+        thread_report(vm.process.pid()),
+        host_kernel_tail(),
         vm.process.transcript()
     )
+}
+
+/// The last 40 lines of this (host or box) kernel's log, where KVM and the scheduler report
+/// trouble.
+fn host_kernel_tail() -> String {
+    match std::process::Command::new("dmesg").output() {
+        Ok(out) => {
+            let text = String::from_utf8_lossy(&out.stdout);
+            let lines: Vec<&str> = text.lines().collect();
+            lines[lines.len().saturating_sub(40)..].join("\n")
+        }
+        Err(e) => format!("(dmesg: {e})"),
+    }
+}
+
+/// Each thread of process `pid`: its name, state and where it waits in the kernel (its kernel
+/// stack, when this host lets root read it), to tell a parked vCPU thread from one in the guest
+/// or halted in KVM.
+fn thread_report(pid: u32) -> String {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return format!("(no /proc/{pid}/task)");
+    };
+    let mut out = String::new();
+    for task in tasks.flatten() {
+        let path = task.path();
+        let read = |name: &str| std::fs::read_to_string(path.join(name)).unwrap_or_default();
+        let stat = read("stat");
+        // The state is the field after the parenthesised name.
+        let state = stat
+            .rsplit_once(") ")
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .unwrap_or("?");
+        out.push_str(&format!(
+            "{} {} state {state} wchan {}\n",
+            task.file_name().to_string_lossy(),
+            read("comm").trim(),
+            read("wchan").trim()
+        ));
+        for frame in read("stack").lines().take(12) {
+            out.push_str(&format!("    {frame}\n"));
+        }
+    }
+    out
 }
 
 #[test]
