@@ -59,6 +59,20 @@ impl Guest {
         name: &str,
         take: Take,
     ) -> (CheckpointResult, PathBuf, PathBuf) {
+        self.checkpoint_explained(control, dir, name, take, |e| e)
+            .await
+    }
+
+    /// [`Guest::checkpoint`], whose failure message is what `explain` makes of the error (say,
+    /// with the VMM's exit status and log).
+    pub async fn checkpoint_explained(
+        &self,
+        control: &VmmClient,
+        dir: &Path,
+        name: &str,
+        take: Take,
+        explain: impl FnOnce(String) -> String,
+    ) -> (CheckpointResult, PathBuf, PathBuf) {
         let (file, disk) = (
             dir.join(format!("{name}.ditto")),
             dir.join(format!("{name}.ext4")),
@@ -75,7 +89,7 @@ impl Guest {
                 ..Default::default()
             })
             .await
-            .unwrap_or_else(|e| panic!("{name}: checkpoint: {e}"));
+            .unwrap_or_else(|e| panic!("{name}: checkpoint: {}", explain(e.to_string())));
         assert_eq!(
             result.omission.is_some(),
             take.mode != Mode::Full,

@@ -162,6 +162,22 @@ async fn assert_alive(
     )
 }
 
+/// Whether the VMM runs, its threads, the host kernel's last messages, and its transcript.
+fn vmm_report(vm: &mut TestVm) -> String {
+    let status = match vm.process.try_exit_status() {
+        Some(status) => format!("its VMM ended ({status})"),
+        None => format!(
+            "its VMM runs; its threads:\n{}",
+            thread_report(vm.process.pid())
+        ),
+    };
+    format!(
+        "{status}\nthe host kernel's last messages:\n{}\n{}",
+        host_kernel_tail(),
+        vm.process.transcript()
+    )
+}
+
 /// The last 40 lines of this (host or box) kernel's log, where KVM and the scheduler report
 /// trouble.
 fn host_kernel_tail() -> String {
@@ -261,7 +277,14 @@ fn a_busy_guest_lives_through_repeated_checkpoints_and_each_restores() {
                     mode,
                     ..Take::default()
                 };
-                let (_, file, disk) = guest.checkpoint(&control, &ckpts, &name, take).await;
+                let (_, file, disk) = guest
+                    .checkpoint_explained(&control, &ckpts, &name, take, |e| {
+                        format!(
+                            "{e}\nafter {taken} checkpoints; {}",
+                            vmm_report(&mut original)
+                        )
+                    })
+                    .await;
                 taken += 1;
                 assert_alive(
                     &mut original,
